@@ -1,0 +1,207 @@
+// Autograd for conv_bn_train: one node in the graph whose backward calls the
+// conv_bn_train_backward operator through the dispatcher.
+//
+// What the node keeps (the memory saving): input, weight, conv bias and
+// bn_weight, plus the per-channel save_mean/save_invstd. In memory-efficient
+// mode conv_output is an empty tensor and the backward recomputes the conv;
+// otherwise the conv output is kept too and nothing is recomputed.
+//
+// Double backward: conv_bn_train_backward has an Autograd kernel of its own.
+// When the graph of the backward itself is recorded (create_graph=True, or
+// any call with grad mode on and inputs that require grad), it computes the
+// gradients from differentiable ATen ops, recomputing the statistics from
+// input so that their dependence on input is part of the graph, as ATen's
+// batchnorm_double_backward does. Otherwise it runs the fast kernels.
+#include "../convbn.h"
+#include "../checks.h"
+
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace convbn {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::Variable;
+using torch::autograd::variable_list;
+
+std::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+class ConvBNTrainFunction
+    : public torch::autograd::Function<ConvBNTrainFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const Variable& input,
+      const Variable& weight,
+      const Variable& bias,
+      const Variable& bn_weight,
+      const Variable& bn_bias,
+      at::IntArrayRef stride,
+      at::IntArrayRef padding,
+      at::IntArrayRef dilation,
+      int64_t groups,
+      double eps,
+      bool memory_efficient) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, save_mean, save_invstd, conv_output] = conv_bn_train(
+        input, weight, optional_of(bias), optional_of(bn_weight),
+        optional_of(bn_bias), stride, padding, dilation, groups, eps,
+        memory_efficient);
+
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    ctx->save_for_backward(
+        {input, weight, bias, bn_weight, conv_output, save_mean, save_invstd});
+    ctx->mark_non_differentiable({save_mean, save_invstd, conv_output});
+    return {output, save_mean, save_invstd, conv_output};
+  }
+
+  static variable_list backward(
+      AutogradContext* ctx,
+      const variable_list& grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 5> output_mask = {
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+        ctx->needs_input_grad(2), ctx->needs_input_grad(3),
+        ctx->needs_input_grad(4)};
+    auto [grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias] =
+        conv_bn_train_backward(
+            grad_outputs[0], saved[0], saved[1], optional_of(saved[2]),
+            optional_of(saved[3]), optional_of(saved[4]), saved[5], saved[6],
+            ctx->saved_data["stride"].toIntVector(),
+            ctx->saved_data["padding"].toIntVector(),
+            ctx->saved_data["dilation"].toIntVector(),
+            ctx->saved_data["groups"].toInt(),
+            ctx->saved_data["eps"].toDouble(), output_mask);
+    return {grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias,
+            Variable(),  Variable(),  Variable(), Variable(),     Variable(),
+            Variable()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_train_autograd(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    bool memory_efficient) {
+  auto result = ConvBNTrainFunction::apply(
+      input, weight, bias.value_or(at::Tensor()),
+      bn_weight.value_or(at::Tensor()), bn_bias.value_or(at::Tensor()),
+      stride, padding, dilation, groups, eps, memory_efficient);
+  return {result[0], result[1], result[2], result[3]};
+}
+
+// The backward written with differentiable ATen ops, for double backward.
+// save_mean/save_invstd/conv_output are not used: the statistics are
+// recomputed from input, so their dependence on input is differentiated.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+differentiable_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::array<bool, 5> output_mask) {
+  const std::vector<int64_t> dims{0, 2, 3};
+  const at::Tensor y = at::convolution(
+      input, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
+  const at::Tensor centered = y - y.mean(dims, /*keepdim=*/true);
+  const at::Tensor invstd =
+      (centered.square().mean(dims, /*keepdim=*/true) + eps).rsqrt();
+  const at::Tensor xhat = centered * invstd;
+
+  at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
+  const auto param_dtype =
+      bn_weight.has_value() && bn_weight->defined() ? bn_weight->scalar_type()
+                                                     : input.scalar_type();
+  if (output_mask[3] && bn_weight.has_value() && bn_weight->defined()) {
+    grad_bn_weight = (grad_output * xhat).sum(dims).to(param_dtype);
+  }
+  if (output_mask[4]) {
+    grad_bn_bias = grad_output.sum(dims).to(param_dtype);
+  }
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (output_mask[0] || output_mask[1] || (output_mask[2] && has_bias)) {
+    const at::Tensor grad_xhat = bn_weight.has_value() && bn_weight->defined()
+        ? grad_output * bn_weight->view({1, -1, 1, 1})
+        : grad_output;
+    const at::Tensor grad_y = invstd *
+        (grad_xhat - grad_xhat.mean(dims, true) -
+         xhat * (grad_xhat * xhat).mean(dims, true));
+    std::optional<at::IntArrayRef> bias_sizes;
+    if (has_bias) {
+      bias_sizes = bias->sizes();
+    }
+    auto grads = at::convolution_backward(
+        grad_y.to(input.scalar_type()), input, weight, bias_sizes, stride,
+        padding, dilation, false, {0, 0}, groups,
+        {output_mask[0], output_mask[1], output_mask[2] && has_bias});
+    grad_input = std::get<0>(grads);
+    grad_weight = std::get<1>(grads);
+    grad_bias = std::get<2>(grads);
+  }
+  return {grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias};
+}
+
+bool requires_grad(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() && t->requires_grad();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_train_backward_autograd(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& conv_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::array<bool, 5> output_mask) {
+  const bool record_graph = at::GradMode::is_enabled() &&
+      (grad_output.requires_grad() || input.requires_grad() ||
+       weight.requires_grad() || requires_grad(bias) ||
+       requires_grad(bn_weight));
+  if (record_graph) {
+    return differentiable_backward(
+        grad_output, input, weight, bias, bn_weight, stride, padding,
+        dilation, groups, eps, output_mask);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return conv_bn_train_backward(
+      grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
+      save_invstd, stride, padding, dilation, groups, eps, output_mask);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(convbn, Autograd, m) {
+  m.impl("conv_bn_train", &conv_bn_train_autograd);
+  m.impl("conv_bn_train_backward", &conv_bn_train_backward_autograd);
+}
+
+} // namespace convbn

@@ -1,0 +1,202 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace convbn {
+
+namespace {
+
+void check_optional_channel_param(
+    const char* op,
+    const char* name,
+    const std::optional<at::Tensor>& t,
+    int64_t channels,
+    const at::Tensor& input,
+    bool allow_float32_for_reduced_input) {
+  if (!t.has_value() || !t->defined()) {
+    return;
+  }
+  TORCH_CHECK(
+      t->dim() == 1 && t->size(0) == channels,
+      op, ": expected `", name, "` to be a 1-D tensor with one value per "
+      "output channel (", channels, " values, the conv weight's size(0)), "
+      "but got shape ", t->sizes());
+  TORCH_CHECK(
+      t->device() == input.device(),
+      op, ": `", name, "` is on ", t->device(), " but `input` is on ",
+      input.device(), "; move them to the same device");
+  const bool same_dtype = t->scalar_type() == input.scalar_type();
+  const bool mixed_ok = allow_float32_for_reduced_input &&
+      at::isReducedFloatingType(input.scalar_type()) &&
+      t->scalar_type() == at::kFloat;
+  TORCH_CHECK(
+      same_dtype || mixed_ok,
+      op, ": `", name, "` has dtype ", t->scalar_type(), " but `input` has "
+      "dtype ", input.scalar_type(), "; convert it with .to(",
+      input.scalar_type(), ")",
+      allow_float32_for_reduced_input
+          ? " (float32 is also accepted for float16/bfloat16 input)"
+          : "");
+}
+
+void check_pair(const char* op, const char* name, at::IntArrayRef v) {
+  TORCH_CHECK(
+      v.size() == 2,
+      op, ": expected `", name, "` to have 2 values (height, width), got ",
+      v.size(), " values ", v);
+}
+
+} // namespace
+
+at::ScalarType stats_dtype(at::ScalarType data_dtype) {
+  return at::isReducedFloatingType(data_dtype) ? at::kFloat : data_dtype;
+}
+
+std::vector<c10::SymInt> check_conv_bn_args(
+    const char* op,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps) {
+  TORCH_CHECK(
+      input.dim() == 4,
+      op, ": expected `input` of shape (N, C, H, W), but got a ", input.dim(),
+      "-D tensor of shape ", input.sizes(),
+      input.dim() == 3 ? "; add the batch dimension with input.unsqueeze(0)"
+                       : "");
+  TORCH_CHECK(
+      weight.dim() == 4,
+      op, ": expected `weight` of shape (out_channels, in_channels / groups, "
+      "kH, kW), but got a ", weight.dim(), "-D tensor of shape ",
+      weight.sizes());
+  TORCH_CHECK(
+      at::isFloatingType(input.scalar_type()),
+      op, ": `input` must be floating point (float32, float64, bfloat16 or "
+      "float16), got ", input.scalar_type(), "; convert it with "
+      "input.float()");
+  TORCH_CHECK(
+      weight.scalar_type() == input.scalar_type(),
+      op, ": `weight` has dtype ", weight.scalar_type(), " but `input` has "
+      "dtype ", input.scalar_type(), "; convert one of them (e.g. "
+      "input.to(weight.dtype)) or run under torch.autocast");
+  TORCH_CHECK(
+      weight.device() == input.device(),
+      op, ": `weight` is on ", weight.device(), " but `input` is on ",
+      input.device(), "; move them to the same device");
+  TORCH_CHECK(groups > 0, op, ": `groups` must be positive, got ", groups);
+
+  check_pair(op, "stride", stride);
+  check_pair(op, "padding", padding);
+  check_pair(op, "dilation", dilation);
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(
+        stride[i] > 0, op, ": `stride` must be positive, got ", stride);
+    TORCH_CHECK(
+        dilation[i] > 0, op, ": `dilation` must be positive, got ", dilation);
+    TORCH_CHECK(
+        padding[i] >= 0, op, ": `padding` must be non-negative, got ",
+        padding);
+  }
+  TORCH_CHECK(
+      std::isfinite(eps) && eps > 0,
+      op, ": `eps` must be a positive finite number, got ", eps);
+
+  const int64_t out_channels = weight.size(0);
+  TORCH_CHECK(
+      out_channels > 0 && out_channels % groups == 0,
+      op, ": `groups` (", groups, ") must divide the number of output "
+      "channels (weight.size(0) = ", out_channels, ")");
+  TORCH_CHECK(
+      input.sym_size(1) == weight.size(1) * groups,
+      op, ": channel mismatch: `input` has ", input.sym_size(1), " channels but "
+      "`weight` of shape ", weight.sizes(), " with groups=", groups,
+      " expects weight.size(1) * groups = ", weight.size(1) * groups,
+      " input channels");
+
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(
+        bias->dim() == 1 && bias->size(0) == out_channels,
+        op, ": expected `bias` (the conv bias) to be a 1-D tensor with ",
+        out_channels, " values, but got shape ", bias->sizes());
+    TORCH_CHECK(
+        bias->scalar_type() == weight.scalar_type(),
+        op, ": `bias` has dtype ", bias->scalar_type(), " but `weight` has "
+        "dtype ", weight.scalar_type(), "; convert it with .to(",
+        weight.scalar_type(), ")");
+    TORCH_CHECK(
+        bias->device() == input.device(),
+        op, ": `bias` is on ", bias->device(), " but `input` is on ",
+        input.device(), "; move them to the same device");
+  }
+  check_optional_channel_param(
+      op, "bn_weight", bn_weight, out_channels, input, true);
+  check_optional_channel_param(
+      op, "bn_bias", bn_bias, out_channels, input, true);
+
+  std::vector<c10::SymInt> out_sizes{
+      input.sym_size(0), c10::SymInt(out_channels), 0, 0};
+  for (int i = 0; i < 2; ++i) {
+    const c10::SymInt in = input.sym_size(2 + i);
+    const int64_t k = weight.size(2 + i);
+    const int64_t extent = dilation[i] * (k - 1) + 1;
+    TORCH_CHECK(
+        in + 2 * padding[i] >= extent,
+        op, ": the convolution output would be empty: `input` spatial size (",
+        input.sym_size(2), ", ", input.sym_size(3), ") with padding ", padding,
+        " is smaller than the dilated kernel (", weight.size(2), ", ",
+        weight.size(3), ") with dilation ", dilation,
+        "; use a larger input or more padding");
+    out_sizes[2 + i] = (in + 2 * padding[i] - extent) / stride[i] + 1;
+  }
+  return out_sizes;
+}
+
+void check_batch_statistics_possible(
+    const char* op,
+    const at::Tensor& input,
+    c10::ArrayRef<c10::SymInt> output_sizes) {
+  TORCH_CHECK(
+      input.sym_size(0) > 0,
+      op, ": `input` has an empty batch (shape ", input.sym_sizes(), "): batch "
+      "normalization in training needs at least one sample; skip empty "
+      "batches or call .eval() to use the running statistics");
+  const c10::SymInt values_per_channel =
+      output_sizes[0] * output_sizes[2] * output_sizes[3];
+  TORCH_CHECK(
+      values_per_channel > 1,
+      "Expected more than 1 value per channel when training, got input size ",
+      input.sym_sizes(), " (the convolution output ", output_sizes, " has ",
+      values_per_channel, " value per channel); use a larger batch or "
+      "spatial size, or call .eval()");
+}
+
+void check_channel_vector(
+    const char* op,
+    const char* name,
+    const at::Tensor& t,
+    int64_t channels,
+    const at::Tensor& input) {
+  TORCH_CHECK(
+      t.defined(), op, ": `", name, "` must be a tensor, got None");
+  TORCH_CHECK(
+      t.dim() == 1 && t.sym_size(0) == channels,
+      op, ": expected `", name, "` to be a 1-D tensor with one value per "
+      "channel (", channels, " values), but got shape ", t.sym_sizes());
+  TORCH_CHECK(
+      at::isFloatingType(t.scalar_type()),
+      op, ": `", name, "` must be floating point, got ", t.scalar_type());
+  TORCH_CHECK(
+      t.device() == input.device(),
+      op, ": `", name, "` is on ", t.device(), " but the data is on ",
+      input.device(), "; move them to the same device");
+}
+
+} // namespace convbn

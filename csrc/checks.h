@@ -1,0 +1,56 @@
+// Argument checks shared by every kernel of every dispatch key (CPU, CUDA,
+// Meta, composite), so that a bad input gets the same clear error wherever it
+// runs, before anything is computed or written.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/SymInt.h>
+
+#include <optional>
+#include <vector>
+
+namespace convbn {
+
+// Checks input/weight/bias/bn_weight/bn_bias and the conv hyper-parameters.
+// Returns the conv output's sizes (N, C_out, H_out, W_out). Sizes are
+// SymInts so that the checks also run on fake tensors with symbolic shapes
+// (torch.compile with dynamic shapes) without specializing them.
+std::vector<c10::SymInt> check_conv_bn_args(
+    const char* op,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps);
+
+// Training normalizes with batch statistics: it needs a non-empty batch and
+// more than one value per channel.
+void check_batch_statistics_possible(
+    const char* op,
+    const at::Tensor& input,
+    c10::ArrayRef<c10::SymInt> output_sizes);
+
+// A per-channel statistics tensor (running_mean, save_invstd, ...): 1-D with
+// `channels` elements, floating point, on input's device.
+void check_channel_vector(
+    const char* op,
+    const char* name,
+    const at::Tensor& t,
+    int64_t channels,
+    const at::Tensor& input);
+
+// Per-channel statistics (save_mean, save_invstd) are kept in float32 for
+// float16/bfloat16 data, as cuDNN and ATen do.
+at::ScalarType stats_dtype(at::ScalarType data_dtype);
+
+// The memory format of a 4-D tensor that our kernels handle directly.
+inline at::MemoryFormat layout_of(const at::Tensor& t) {
+  return t.suggest_memory_format();
+}
+
+} // namespace convbn

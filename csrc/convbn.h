@@ -1,0 +1,96 @@
+// convbn: Conv2d followed by BatchNorm2d as one operator.
+//
+// The C++ API for LibTorch users. Every function calls its operator through
+// the dispatcher (namespace `convbn`), so autograd, the CPU/CUDA kernels and
+// the Meta kernels are picked exactly as they are from Python's
+// torch.ops.convbn.*. Link the op library (libconvbn.so) to use it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace convbn {
+
+// Training forward: y = conv2d(input, weight) + bias, then batch norm of y
+// with the batch's statistics (biased variance), scaled by bn_weight and
+// shifted by bn_bias when given.
+// Returns (output, save_mean, save_invstd, conv_output):
+//   output       same dtype and memory format as input
+//   save_mean    per-channel mean of y (the conv output including its bias)
+//   save_invstd  per-channel 1 / sqrt(var_biased(y) + eps)
+//   conv_output  the conv output before normalization (without bias) when
+//                memory_efficient is false, else an empty tensor: the
+//                memory-efficient backward recomputes it from input and weight.
+// save_mean and save_invstd are float32 for float16/bfloat16 input.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    bool memory_efficient = true);
+
+// Backward of conv_bn_train. output_mask selects which of (grad_input,
+// grad_weight, grad_bias, grad_bn_weight, grad_bn_bias) are computed; the
+// others are returned undefined. Pass conv_output as returned by
+// conv_bn_train (an empty tensor or nullopt means: recompute it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_train_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& conv_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::array<bool, 5> output_mask);
+
+// Updates running statistics in place from conv_bn_train's save_mean and
+// save_invstd, as nn.BatchNorm2d does: num_batches_tracked += 1, then
+// running = (1 - f) * running + f * batch with f = momentum, or
+// f = 1 / num_batches_tracked when momentum is nullopt (cumulative average).
+// running_var takes the unbiased variance (count / (count - 1)), where count
+// is the number of values per channel (N * H_out * W_out). Checks every
+// argument before it writes anything.
+void update_running_stats(
+    at::Tensor& running_mean,
+    at::Tensor& running_var,
+    at::Tensor& num_batches_tracked,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    std::optional<double> momentum,
+    int64_t count);
+
+// Inference: batch norm with running statistics folded into the conv weight
+// and bias, one convolution. Differentiable with respect to input, weight,
+// bias, bn_weight and bn_bias (training with frozen statistics).
+at::Tensor conv_bn_eval(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps);
+
+} // namespace convbn

@@ -1,0 +1,467 @@
+// CPU batch-norm math on a conv output, without any bookkeeping: no argument
+// checks and no allocation of results (the kernel file does that).
+//
+// A 4-D tensor is walked in one of two layouts, whichever it is dense in:
+//   NCHW           channel c of image n is one contiguous plane of H*W values
+//   channels_last  each of the N*H*W positions is one row of C values
+// Reductions accumulate in at::opmath_type (float for float16/bfloat16,
+// otherwise the type itself) over one plane or one block of rows, and in
+// double across planes/blocks, so that long channels keep their precision.
+// The order of every sum is fixed (blocks do not depend on the thread
+// count), so results are deterministic.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <array>
+#include <type_traits>
+#include <vector>
+
+namespace convbn {
+namespace cpu {
+
+template <typename T>
+using opmath_t = at::opmath_type<T>;
+
+// float and double are vectorized directly; float16/bfloat16 are converted
+// element by element to float.
+template <typename T>
+constexpr bool kVectorized = std::is_same_v<T, opmath_t<T>>;
+
+struct ChannelLayout {
+  bool channels_last;
+  int64_t batch;
+  int64_t channels;
+  int64_t spatial; // H * W
+  int64_t values_per_channel() const {
+    return batch * spatial;
+  }
+};
+
+// `t` must be dense in its suggested memory format (the kernel file makes
+// sure of it). When both layouts describe the same memory (H = W = 1 or
+// C = 1) either choice addresses the same elements.
+inline ChannelLayout channel_layout(const at::Tensor& t) {
+  return {
+      t.suggest_memory_format() == at::MemoryFormat::ChannelsLast,
+      t.size(0),
+      t.size(1),
+      t.size(2) * t.size(3)};
+}
+
+// Sums one vector register's lanes in a fixed order.
+template <typename T>
+T lane_sum(const at::vec::Vectorized<T>& v) {
+  std::array<T, at::vec::Vectorized<T>::size()> lanes;
+  v.store(lanes.data());
+  T s = 0;
+  for (T x : lanes) {
+    s += x;
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Contiguous spans: one (image, channel) plane in NCHW.
+
+// sum(x)
+template <typename T>
+opmath_t<T> span_sum(const T* x, int64_t n) {
+  using acc_t = opmath_t<T>;
+  int64_t i = 0;
+  acc_t s = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    Vec acc0(T(0)), acc1(T(0));
+    for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+      acc0 += Vec::loadu(x + i);
+      acc1 += Vec::loadu(x + i + Vec::size());
+    }
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      acc0 += Vec::loadu(x + i);
+    }
+    s = lane_sum(acc0 + acc1);
+  }
+  for (; i < n; ++i) {
+    s += acc_t(x[i]);
+  }
+  return s;
+}
+
+// sum((x - mean)^2)
+template <typename T>
+opmath_t<T> span_sum_sq_centered(const T* x, int64_t n, opmath_t<T> mean) {
+  using acc_t = opmath_t<T>;
+  int64_t i = 0;
+  acc_t s = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    const Vec m(mean);
+    Vec acc0(T(0)), acc1(T(0));
+    for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+      const Vec d0 = Vec::loadu(x + i) - m;
+      const Vec d1 = Vec::loadu(x + i + Vec::size()) - m;
+      acc0 = at::vec::fmadd(d0, d0, acc0);
+      acc1 = at::vec::fmadd(d1, d1, acc1);
+    }
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec d = Vec::loadu(x + i) - m;
+      acc0 = at::vec::fmadd(d, d, acc0);
+    }
+    s = lane_sum(acc0 + acc1);
+  }
+  for (; i < n; ++i) {
+    const acc_t d = acc_t(x[i]) - mean;
+    s += d * d;
+  }
+  return s;
+}
+
+// (sum(dy), sum(dy * (y - mean)))
+template <typename T>
+std::array<opmath_t<T>, 2> span_sum_and_dot_centered(
+    const T* dy,
+    const T* y,
+    int64_t n,
+    opmath_t<T> mean) {
+  using acc_t = opmath_t<T>;
+  int64_t i = 0;
+  acc_t s_dy = 0, s_dot = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    const Vec m(mean);
+    Vec acc_dy(T(0)), acc_dot(T(0));
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec g = Vec::loadu(dy + i);
+      acc_dy += g;
+      acc_dot = at::vec::fmadd(g, Vec::loadu(y + i) - m, acc_dot);
+    }
+    s_dy = lane_sum(acc_dy);
+    s_dot = lane_sum(acc_dot);
+  }
+  for (; i < n; ++i) {
+    const acc_t g = acc_t(dy[i]);
+    s_dy += g;
+    s_dot += g * (acc_t(y[i]) - mean);
+  }
+  return {s_dy, s_dot};
+}
+
+// out = a * u + b * v + c (the b * v term only when HasV). out may be u or v.
+template <typename T, bool HasV>
+void span_affine(
+    T* out,
+    const T* u,
+    opmath_t<T> a,
+    const T* v,
+    opmath_t<T> b,
+    opmath_t<T> c,
+    int64_t n) {
+  using acc_t = opmath_t<T>;
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    const Vec va(a), vb(b), vc(c);
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      Vec r = at::vec::fmadd(Vec::loadu(u + i), va, vc);
+      if constexpr (HasV) {
+        r = at::vec::fmadd(Vec::loadu(v + i), vb, r);
+      }
+      r.store(out + i);
+    }
+  }
+  for (; i < n; ++i) {
+    acc_t r = a * acc_t(u[i]) + c;
+    if constexpr (HasV) {
+      r += b * acc_t(v[i]);
+    }
+    out[i] = T(r);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Rows: one position of a channels_last tensor, C channels side by side.
+
+// s[c] += x[c]
+template <typename T>
+void row_add(opmath_t<T>* s, const T* x, int64_t C) {
+  int64_t c = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    for (; c + Vec::size() <= C; c += Vec::size()) {
+      (Vec::loadu(s + c) + Vec::loadu(x + c)).store(s + c);
+    }
+  }
+  for (; c < C; ++c) {
+    s[c] += opmath_t<T>(x[c]);
+  }
+}
+
+// s[c] += (x[c] - mean[c])^2
+template <typename T>
+void row_add_sq_centered(
+    opmath_t<T>* s,
+    const T* x,
+    const opmath_t<T>* mean,
+    int64_t C) {
+  int64_t c = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    for (; c + Vec::size() <= C; c += Vec::size()) {
+      const Vec d = Vec::loadu(x + c) - Vec::loadu(mean + c);
+      at::vec::fmadd(d, d, Vec::loadu(s + c)).store(s + c);
+    }
+  }
+  for (; c < C; ++c) {
+    const opmath_t<T> d = opmath_t<T>(x[c]) - mean[c];
+    s[c] += d * d;
+  }
+}
+
+// s_dy[c] += dy[c]; s_dot[c] += dy[c] * (y[c] - mean[c])
+template <typename T>
+void row_add_sum_and_dot_centered(
+    opmath_t<T>* s_dy,
+    opmath_t<T>* s_dot,
+    const T* dy,
+    const T* y,
+    const opmath_t<T>* mean,
+    int64_t C) {
+  int64_t c = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    for (; c + Vec::size() <= C; c += Vec::size()) {
+      const Vec g = Vec::loadu(dy + c);
+      (Vec::loadu(s_dy + c) + g).store(s_dy + c);
+      at::vec::fmadd(
+          g, Vec::loadu(y + c) - Vec::loadu(mean + c), Vec::loadu(s_dot + c))
+          .store(s_dot + c);
+    }
+  }
+  for (; c < C; ++c) {
+    const opmath_t<T> g = opmath_t<T>(dy[c]);
+    s_dy[c] += g;
+    s_dot[c] += g * (opmath_t<T>(y[c]) - mean[c]);
+  }
+}
+
+// out[c] = a[c] * u[c] + b[c] * v[c] + c0[c] (the b * v term only when HasV)
+template <typename T, bool HasV>
+void row_affine(
+    T* out,
+    const T* u,
+    const opmath_t<T>* a,
+    const T* v,
+    const opmath_t<T>* b,
+    const opmath_t<T>* c0,
+    int64_t C) {
+  int64_t c = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    for (; c + Vec::size() <= C; c += Vec::size()) {
+      Vec r = at::vec::fmadd(
+          Vec::loadu(u + c), Vec::loadu(a + c), Vec::loadu(c0 + c));
+      if constexpr (HasV) {
+        r = at::vec::fmadd(Vec::loadu(v + c), Vec::loadu(b + c), r);
+      }
+      r.store(out + c);
+    }
+  }
+  for (; c < C; ++c) {
+    opmath_t<T> r = a[c] * opmath_t<T>(u[c]) + c0[c];
+    if constexpr (HasV) {
+      r += b[c] * opmath_t<T>(v[c]);
+    }
+    out[c] = T(r);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Drivers over a whole tensor.
+
+// Rows per block in channels_last reductions: the opmath accumulation runs
+// over at most this many values before it is added into double.
+constexpr int64_t kRowsPerBlock = 256;
+
+// Channels-last reduction: `row_fn(acc, row)` adds one row into a block
+// accumulator of `width` opmath values (width = K * C for K sums per
+// channel). Returns the `width` totals in double, summed over blocks in a
+// fixed order.
+template <typename acc_t, typename RowFn>
+std::vector<double> reduce_rows(
+    int64_t rows,
+    int64_t width,
+    const RowFn& row_fn) {
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  std::vector<double> partial(blocks * width);
+  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<acc_t> acc(width);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const int64_t r_end = std::min(rows, (b + 1) * kRowsPerBlock);
+      for (int64_t r = b * kRowsPerBlock; r < r_end; ++r) {
+        row_fn(acc.data(), r);
+      }
+      std::copy(acc.begin(), acc.end(), partial.begin() + b * width);
+    }
+  });
+  std::vector<double> total(width, 0.0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t i = 0; i < width; ++i) {
+      total[i] += partial[b * width + i];
+    }
+  }
+  return total;
+}
+
+// Per-channel mean and biased variance of y, two passes (the second one
+// centered on the mean, which keeps the variance accurate when the mean is
+// large). mean and var are 1-D opmath tensors of y.size(1) elements.
+template <typename T>
+void batch_mean_var(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
+  using acc_t = opmath_t<T>;
+  const ChannelLayout L = channel_layout(y);
+  const int64_t C = L.channels, HW = L.spatial;
+  const double count = static_cast<double>(L.values_per_channel());
+  const T* data = y.const_data_ptr<T>();
+  acc_t* mean_out = mean.data_ptr<acc_t>();
+  acc_t* var_out = var.data_ptr<acc_t>();
+
+  if (!L.channels_last) {
+    at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        double s = 0;
+        for (int64_t n = 0; n < L.batch; ++n) {
+          s += span_sum(data + (n * C + c) * HW, HW);
+        }
+        const acc_t m = static_cast<acc_t>(s / count);
+        double q = 0;
+        for (int64_t n = 0; n < L.batch; ++n) {
+          q += span_sum_sq_centered(data + (n * C + c) * HW, HW, m);
+        }
+        mean_out[c] = m;
+        var_out[c] = static_cast<acc_t>(q / count);
+      }
+    });
+    return;
+  }
+
+  const int64_t rows = L.values_per_channel();
+  const std::vector<double> sums = reduce_rows<acc_t>(
+      rows, C, [&](acc_t* acc, int64_t r) { row_add(acc, data + r * C, C); });
+  for (int64_t c = 0; c < C; ++c) {
+    mean_out[c] = static_cast<acc_t>(sums[c] / count);
+  }
+  const std::vector<double> sq = reduce_rows<acc_t>(
+      rows, C, [&](acc_t* acc, int64_t r) {
+        row_add_sq_centered(acc, data + r * C, mean_out, C);
+      });
+  for (int64_t c = 0; c < C; ++c) {
+    var_out[c] = static_cast<acc_t>(sq[c] / count);
+  }
+}
+
+// Per-channel sum(dy) and sum(dy * (y - mean)), one pass over dy and y (both
+// in the same layout). Results are opmath tensors of y.size(1) elements.
+template <typename T>
+void batch_grad_sums(
+    const at::Tensor& dy,
+    const at::Tensor& y,
+    const at::Tensor& mean,
+    at::Tensor& sum_dy,
+    at::Tensor& sum_dy_xmu) {
+  using acc_t = opmath_t<T>;
+  const ChannelLayout L = channel_layout(y);
+  const int64_t C = L.channels, HW = L.spatial;
+  const T* dy_data = dy.const_data_ptr<T>();
+  const T* y_data = y.const_data_ptr<T>();
+  const acc_t* mean_data = mean.const_data_ptr<acc_t>();
+  acc_t* sum_dy_out = sum_dy.data_ptr<acc_t>();
+  acc_t* sum_dot_out = sum_dy_xmu.data_ptr<acc_t>();
+
+  if (!L.channels_last) {
+    at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        double s_dy = 0, s_dot = 0;
+        for (int64_t n = 0; n < L.batch; ++n) {
+          const int64_t offset = (n * C + c) * HW;
+          const auto s = span_sum_and_dot_centered(
+              dy_data + offset, y_data + offset, HW, mean_data[c]);
+          s_dy += s[0];
+          s_dot += s[1];
+        }
+        sum_dy_out[c] = static_cast<acc_t>(s_dy);
+        sum_dot_out[c] = static_cast<acc_t>(s_dot);
+      }
+    });
+    return;
+  }
+
+  const std::vector<double> sums = reduce_rows<acc_t>(
+      L.values_per_channel(), 2 * C, [&](acc_t* acc, int64_t r) {
+        row_add_sum_and_dot_centered(
+            acc, acc + C, dy_data + r * C, y_data + r * C, mean_data, C);
+      });
+  for (int64_t c = 0; c < C; ++c) {
+    sum_dy_out[c] = static_cast<acc_t>(sums[c]);
+    sum_dot_out[c] = static_cast<acc_t>(sums[C + c]);
+  }
+}
+
+// out = a[c] * u + b[c] * v + c0[c] per channel, elementwise (the v term only
+// when v is given). a, b, c0 are 1-D opmath tensors; out may alias u or v.
+template <typename T>
+void channel_affine(
+    at::Tensor& out,
+    const at::Tensor& u,
+    const at::Tensor& a,
+    const at::Tensor* v,
+    const at::Tensor* b,
+    const at::Tensor& c0) {
+  using acc_t = opmath_t<T>;
+  const ChannelLayout L = channel_layout(u);
+  const int64_t C = L.channels, HW = L.spatial;
+  T* out_data = out.data_ptr<T>();
+  const T* u_data = u.const_data_ptr<T>();
+  const T* v_data = v ? v->const_data_ptr<T>() : nullptr;
+  const acc_t* a_data = a.const_data_ptr<acc_t>();
+  const acc_t* b_data = b ? b->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* c_data = c0.const_data_ptr<acc_t>();
+
+  auto run = [&](auto has_v) {
+    constexpr bool HasV = decltype(has_v)::value;
+    if (!L.channels_last) {
+      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / HW);
+      at::parallel_for(0, L.batch * C, grain, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t c = p % C;
+          span_affine<T, HasV>(
+              out_data + p * HW, u_data + p * HW, a_data[c],
+              HasV ? v_data + p * HW : nullptr, HasV ? b_data[c] : acc_t(0),
+              c_data[c], HW);
+        }
+      });
+    } else {
+      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
+      at::parallel_for(
+          0, L.values_per_channel(), grain, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+              row_affine<T, HasV>(
+                  out_data + r * C, u_data + r * C, a_data,
+                  HasV ? v_data + r * C : nullptr, b_data, c_data, C);
+            }
+          });
+    }
+  };
+  if (v != nullptr) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
+}
+
+} // namespace cpu
+} // namespace convbn

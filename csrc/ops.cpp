@@ -1,0 +1,125 @@
+// The operator schemas, declared once, and the C++ API that calls them
+// through the dispatcher. Kernels live in one file per dispatch key:
+//   cpu/conv_bn_train_kernel.cpp        CPU
+//   ../cuda/*.cu                        CUDA (each registers itself)
+//   meta/conv_bn_train_meta.cpp         Meta (shapes for fake tensors)
+//   autograd/conv_bn_train_autograd.cpp Autograd
+//   composite/*.cpp                     device-generic ops built from ATen
+#include "convbn.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace convbn {
+
+TORCH_LIBRARY(convbn, m) {
+  m.def(
+      "conv_bn_train(Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor? bn_weight, Tensor? bn_bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, float eps, bool memory_efficient=True) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd, "
+      "Tensor conv_output)");
+  m.def(
+      "conv_bn_train_backward(Tensor grad_output, Tensor input, "
+      "Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? conv_output, "
+      "Tensor save_mean, Tensor save_invstd, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, float eps, bool[5] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_bn_weight, Tensor grad_bn_bias)");
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor(c!) num_batches_tracked, Tensor save_mean, Tensor save_invstd, "
+      "float eps, float? momentum, SymInt count) -> ()");
+  m.def(
+      "conv_bn_eval(Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
+      "Tensor running_var, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, float eps) -> Tensor");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    bool memory_efficient) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("convbn::conv_bn_train", "")
+                       .typed<decltype(conv_bn_train)>();
+  return op.call(
+      input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
+      groups, eps, memory_efficient);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_train_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& conv_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::array<bool, 5> output_mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("convbn::conv_bn_train_backward", "")
+                       .typed<decltype(conv_bn_train_backward)>();
+  return op.call(
+      grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
+      save_invstd, stride, padding, dilation, groups, eps, output_mask);
+}
+
+void update_running_stats(
+    at::Tensor& running_mean,
+    at::Tensor& running_var,
+    at::Tensor& num_batches_tracked,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    std::optional<double> momentum,
+    int64_t count) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("convbn::update_running_stats", "")
+          .typed<void(
+              at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
+              const at::Tensor&, double, std::optional<double>, c10::SymInt)>();
+  op.call(
+      running_mean, running_var, num_batches_tracked, save_mean, save_invstd,
+      eps, momentum, c10::SymInt(count));
+}
+
+at::Tensor conv_bn_eval(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("convbn::conv_bn_eval", "")
+                       .typed<decltype(conv_bn_eval)>();
+  return op.call(
+      input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+      stride, padding, dilation, groups, eps);
+}
+
+} // namespace convbn

@@ -1,0 +1,67 @@
+"""Fake (meta) kernels: the shapes, dtypes and memory formats of every op's
+results, computed without data, for torch.compile, torch.export and
+FakeTensor. They use symbolic sizes as they come, so a varying batch size
+needs no recompilation. conv_bn_eval is CompositeImplicitAutograd and needs
+none. Argument errors are raised by the real kernels (csrc/checks.cpp)."""
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+
+def _stats_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _conv_output_size(input, weight, stride, padding, dilation):
+    torch._check(input.dim() == 4, lambda: f"convbn: expected a 4-D input, got {input.dim()}-D")
+    torch._check(weight.dim() == 4, lambda: f"convbn: expected a 4-D weight, got {weight.dim()}-D")
+    spatial = [
+        (input.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+        for i in range(2)
+    ]
+    return (input.shape[0], weight.shape[0], *spatial)
+
+
+@torch.library.register_fake("convbn::conv_bn_train")
+def _conv_bn_train_fake(
+    input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, memory_efficient=True
+):
+    size = _conv_output_size(input, weight, stride, padding, dilation)
+    fmt = suggest_memory_format(input)
+    output = torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
+    stats = input.new_empty((weight.shape[0],), dtype=_stats_dtype(input.dtype))
+    conv_output = input.new_empty((0,)) if memory_efficient else torch.empty_like(output)
+    return output, stats, torch.empty_like(stats), conv_output
+
+
+@torch.library.register_fake("convbn::conv_bn_train_backward")
+def _conv_bn_train_backward_fake(
+    grad_output, input, weight, bias, bn_weight, conv_output, save_mean, save_invstd,
+    stride, padding, dilation, groups, eps, output_mask,
+):
+    param_dtype = bn_weight.dtype if bn_weight is not None else input.dtype
+    channels = weight.shape[0]
+    grad_input = (
+        torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                    memory_format=suggest_memory_format(input))
+        if output_mask[0] else None
+    )
+    grad_weight = (
+        torch.empty(weight.shape, dtype=weight.dtype, device=weight.device,
+                    memory_format=suggest_memory_format(weight))
+        if output_mask[1] else None
+    )
+    grad_bias = torch.empty_like(bias) if output_mask[2] and bias is not None else None
+    grad_bn_weight = (
+        input.new_empty((channels,), dtype=param_dtype)
+        if output_mask[3] and bn_weight is not None else None
+    )
+    grad_bn_bias = input.new_empty((channels,), dtype=param_dtype) if output_mask[4] else None
+    return grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias
+
+
+@torch.library.register_fake("convbn::update_running_stats")
+def _update_running_stats_fake(
+    running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum, count
+):
+    return None

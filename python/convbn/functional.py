@@ -1,0 +1,121 @@
+"""convbn.functional.conv_bn: F.conv2d followed by F.batch_norm, as one op."""
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _pair(value, name: str) -> List[int]:
+    if isinstance(value, int):
+        return [value, value]
+    values = list(value)
+    if len(values) == 1:
+        return [int(values[0])] * 2
+    if len(values) != 2:
+        raise ValueError(f"convbn: `{name}` must be an int or a pair of ints, got {value!r}")
+    return [int(v) for v in values]
+
+
+def same_padding(kernel_size, dilation) -> Tuple[List[int], List[int]]:
+    """padding='same' as nn.Conv2d does it: the total padding of each
+    dimension is dilation * (kernel - 1); when it is odd the extra row/column
+    goes to the bottom/right. Returns (symmetric padding for the conv,
+    extra F.pad amounts (left, right, top, bottom) for the odd remainder)."""
+    symmetric, extra = [0, 0], [0, 0, 0, 0]
+    for i in range(2):
+        total = dilation[i] * (kernel_size[i] - 1)
+        symmetric[i] = total // 2
+        # F.pad lists the last dimension first: (W_left, W_right, H_top, H_bottom).
+        extra[2 * (1 - i) + 1] = total - 2 * (total // 2)
+    return symmetric, extra
+
+
+def check_momentum(momentum: Optional[float]) -> None:
+    if momentum is not None and not math.isfinite(momentum):
+        raise ValueError(
+            f"convbn: `momentum` must be a finite number, or None for a cumulative "
+            f"moving average, got {momentum}"
+        )
+
+
+def conv_bn(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    bn_weight: Optional[Tensor] = None,
+    bn_bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
+    training: bool = True,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    stride: Union[int, Tuple[int, int]] = 1,
+    padding: Union[int, Tuple[int, int], str] = 0,
+    dilation: Union[int, Tuple[int, int]] = 1,
+    groups: int = 1,
+    memory_efficient: bool = True,
+) -> Tensor:
+    """``F.batch_norm(F.conv2d(input, weight, bias, stride, padding, dilation,
+    groups), running_mean, running_var, bn_weight, bn_bias, training,
+    momentum, eps)``, computed as one operator.
+
+    training=True normalizes with the batch statistics and, when
+    running_mean/running_var are given, updates them in place afterwards
+    (only once the compute succeeded). momentum=None means a cumulative
+    moving average, which needs num_batches_tracked; num_batches_tracked, when
+    given, is incremented as nn.BatchNorm2d does. training=False uses the
+    running statistics, folded into the convolution.
+
+    memory_efficient=True keeps only the input, the weights and per-channel
+    statistics for backward, and recomputes the convolution there;
+    False keeps the conv output and skips the recompute.
+    """
+    stride_ = _pair(stride, "stride")
+    dilation_ = _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding_ = [0, 0]
+        elif padding == "same":
+            if stride_ != [1, 1]:
+                raise ValueError("convbn: padding='same' is not supported for strided convolutions")
+            padding_, extra = same_padding(weight.shape[2:], dilation_)
+            if any(extra):
+                input = F.pad(input, extra)
+        else:
+            raise ValueError(f"convbn: `padding` must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        padding_ = _pair(padding, "padding")
+    check_momentum(momentum)
+
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "convbn: training=False needs running_mean and running_var; "
+                "pass them, or use training=True to normalize with batch statistics"
+            )
+        return torch.ops.convbn.conv_bn_eval(
+            input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+            stride_, padding_, dilation_, groups, eps,
+        )
+
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("convbn: pass both running_mean and running_var, or neither")
+    if running_mean is not None and momentum is None and num_batches_tracked is None:
+        raise ValueError("convbn: momentum=None (cumulative average) needs num_batches_tracked")
+
+    output, save_mean, save_invstd, _ = torch.ops.convbn.conv_bn_train(
+        input, weight, bias, bn_weight, bn_bias, stride_, padding_, dilation_, groups, eps,
+        memory_efficient,
+    )
+    if running_mean is not None and running_var is not None:
+        if num_batches_tracked is None:
+            num_batches_tracked = torch.zeros((), dtype=torch.long, device=running_mean.device)
+        count = output.shape[0] * output.shape[2] * output.shape[3]
+        torch.ops.convbn.update_running_stats(
+            running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum, count,
+        )
+    return output

@@ -1,0 +1,248 @@
+"""convbn.ConvBN2d: nn.Conv2d followed by nn.BatchNorm2d, one operator."""
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import _pair, check_momentum, conv_bn, same_padding
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class ConvBN2d(nn.Module):
+    """``nn.Sequential(nn.Conv2d(...), nn.BatchNorm2d(out_channels, ...))`` as
+    one operator, with the same arguments, numbers, train/eval behaviour and
+    running statistics as that pair.
+
+    Parameters and buffers (state_dict keys):
+      weight, bias        the conv's (bias only when bias=True)
+      bn_weight, bn_bias  batch norm's affine gamma and beta (affine=True)
+      running_mean, running_var, num_batches_tracked
+                          batch norm's statistics (track_running_stats=True)
+
+    memory_efficient=True (default) keeps only the input, the weights and
+    per-channel statistics for backward and recomputes the convolution there;
+    False keeps the conv output, trading memory for one convolution less.
+    Eval mode folds the statistics into the convolution.
+    """
+
+    __constants__ = [
+        "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+        "groups", "padding_mode", "eps", "momentum", "affine", "track_running_stats",
+        "memory_efficient",
+    ]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Tuple[int, int]],
+        stride: Union[int, Tuple[int, int]] = 1,
+        padding: Union[int, Tuple[int, int], str] = 0,
+        dilation: Union[int, Tuple[int, int]] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        memory_efficient: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if groups <= 0:
+            raise ValueError(f"convbn: groups must be a positive integer, got {groups}")
+        if in_channels % groups != 0:
+            raise ValueError(f"convbn: in_channels ({in_channels}) must be divisible by groups ({groups})")
+        if out_channels % groups != 0:
+            raise ValueError(f"convbn: out_channels ({out_channels}) must be divisible by groups ({groups})")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"convbn: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"convbn: eps must be a positive finite number, got {eps}")
+        check_momentum(momentum)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(_pair(kernel_size, "kernel_size"))
+        self.stride = tuple(_pair(stride, "stride"))
+        self.dilation = tuple(_pair(dilation, "dilation"))
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"convbn: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("convbn: padding='same' is not supported for strided convolutions")
+            self.padding = padding
+        else:
+            self.padding = tuple(_pair(padding, "padding"))
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.memory_efficient = memory_efficient
+
+        # How the input is padded before the conv: (F.pad amounts, mode) and
+        # the symmetric padding the conv itself applies, as nn.Conv2d does.
+        self._conv_padding, self._input_pad = self._plan_padding()
+
+        self.weight = nn.Parameter(
+            torch.empty((out_channels, in_channels // groups, *self.kernel_size), **factory)
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        if affine:
+            self.bn_weight = nn.Parameter(torch.empty(out_channels, **factory))
+            self.bn_bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bn_weight", None)
+            self.register_parameter("bn_bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(out_channels, **factory))
+            self.register_buffer("running_var", torch.ones(out_channels, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def _plan_padding(self) -> Tuple[List[int], List[int]]:
+        if self.padding == "valid":
+            return [0, 0], [0, 0, 0, 0]
+        if self.padding == "same":
+            symmetric, extra = same_padding(self.kernel_size, self.dilation)
+        else:
+            symmetric, extra = list(self.padding), [0, 0, 0, 0]
+        if self.padding_mode == "zeros":
+            return symmetric, extra
+        # Non-zero padding modes pad the input explicitly and convolve with
+        # no padding, as nn.Conv2d does: (W_left, W_right, H_top, H_bottom).
+        pad = [symmetric[1], symmetric[1] + extra[1], symmetric[0], symmetric[0] + extra[3]]
+        return [0, 0], pad
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        # The same initialization as nn.Conv2d and nn.BatchNorm2d.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
+            if fan_in != 0:
+                bound = 1 / math.sqrt(fan_in)
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.bn_weight)
+            nn.init.zeros_(self.bn_bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 4:
+            raise ValueError(
+                f"convbn: expected a 4-D input (N, C, H, W), got a {input.dim()}-D input of shape "
+                f"{tuple(input.shape)}" + (" (add the batch dimension with input.unsqueeze(0))" if input.dim() == 3 else "")
+            )
+        if any(self._input_pad):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            input = F.pad(input, self._input_pad, mode=mode)
+        # nn.BatchNorm2d: batch statistics in training, and in eval when no
+        # running statistics are tracked.
+        use_batch_stats = self.training or self.running_mean is None
+        update_stats = self.training and self.track_running_stats
+        return conv_bn(
+            input, self.weight, self.bias, self.bn_weight, self.bn_bias,
+            self.running_mean if (update_stats or not use_batch_stats) else None,
+            self.running_var if (update_stats or not use_batch_stats) else None,
+            self.num_batches_tracked if update_stats else None,
+            training=use_batch_stats, momentum=self.momentum, eps=self.eps,
+            stride=self.stride, padding=self._conv_padding, dilation=self.dilation,
+            groups=self.groups, memory_efficient=self.memory_efficient,
+        )
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding!r}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is not None:
+            s += ", bias=True"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        s += (f", eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+              f"track_running_stats={self.track_running_stats}, memory_efficient={self.memory_efficient}")
+        return s
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, memory_efficient: bool = True) -> "ConvBN2d":
+        """A ConvBN2d holding copies of conv's and bn's parameters, buffers and
+        hyper-parameters; it computes what bn(conv(x)) computes, and starts in
+        bn's train/eval mode."""
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f"convbn: from_modules expects an nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"convbn: from_modules expects an nn.BatchNorm2d, got {type(bn).__name__}")
+        if conv.out_channels != bn.num_features:
+            raise ValueError(
+                f"convbn: the conv has {conv.out_channels} output channels but the batch norm has "
+                f"num_features={bn.num_features}"
+            )
+        fused = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, bn.eps,
+            bn.momentum, bn.affine, bn.track_running_stats, memory_efficient,
+            device="meta",
+        )
+        fused.weight = _copy_parameter(conv.weight)
+        fused.bias = _copy_parameter(conv.bias)
+        fused.bn_weight = _copy_parameter(bn.weight)
+        fused.bn_bias = _copy_parameter(bn.bias)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            buffer = getattr(bn, name)
+            setattr(fused, name, None if buffer is None else buffer.detach().clone())
+        fused.train(bn.training)
+        return fused
+
+    def to_modules(self) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:
+        """(nn.Conv2d, nn.BatchNorm2d) holding copies of this module's
+        parameters, buffers and hyper-parameters, in its train/eval mode."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta",
+        )
+        bn = nn.BatchNorm2d(
+            self.out_channels, self.eps, self.momentum, self.affine, self.track_running_stats,
+            device="meta",
+        )
+        conv.weight = _copy_parameter(self.weight)
+        conv.bias = _copy_parameter(self.bias)
+        bn.weight = _copy_parameter(self.bn_weight)
+        bn.bias = _copy_parameter(self.bn_bias)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            buffer = getattr(self, name)
+            setattr(bn, name, None if buffer is None else buffer.detach().clone())
+        conv.train(self.training)
+        bn.train(self.training)
+        return conv, bn
+
+
+def _copy_parameter(p: Optional[nn.Parameter]) -> Optional[nn.Parameter]:
+    if p is None:
+        return None
+    return nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
