@@ -67,9 +67,10 @@ inline NormalizeCoefficients normalize_coefficients(
 // Backward, with n values per channel, xhat = (y - mean) * invstd,
 // sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (y - mean)):
 //   grad_y = gamma * invstd * (dy - sum_dy / n - xhat * sum(dy * xhat) / n)
-//          = a * dy + b * y + c
+//          = a * dy + b * (y - mean) + c
 // with k = gamma * invstd, a = k, b = -k * invstd^2 * sum_dy_xmu / n,
-// c = -k * sum_dy / n - b * mean.
+// c = -k * sum_dy / n. (y is centred before scaling, as ATen does: folding
+// b * mean into c loses precision when the mean is large.)
 struct GradCoefficients {
   at::Tensor a;
   at::Tensor b;
@@ -79,7 +80,6 @@ struct GradCoefficients {
 inline GradCoefficients grad_y_coefficients(
     const at::Tensor& sum_dy,
     const at::Tensor& sum_dy_xmu,
-    const at::Tensor& mean,
     const at::Tensor& invstd,
     const std::optional<at::Tensor>& bn_weight,
     int64_t values_per_channel) {
@@ -88,7 +88,7 @@ inline GradCoefficients grad_y_coefficients(
   at::Tensor k =
       present(bn_weight) ? invstd * bn_weight->to(dtype) : invstd.clone();
   at::Tensor b = -k * invstd * invstd * sum_dy_xmu * inv_n;
-  at::Tensor c = -k * sum_dy * inv_n - b * mean;
+  at::Tensor c = -k * sum_dy * inv_n;
   return {k.contiguous(), b.contiguous(), c.contiguous()};
 }
 

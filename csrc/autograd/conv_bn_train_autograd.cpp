@@ -14,6 +14,7 @@
 // batchnorm_double_backward does. Otherwise it runs the fast kernels.
 #include "../convbn.h"
 #include "../checks.h"
+#include "../conv_bn_common.h"
 
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -36,9 +37,9 @@ class ConvBNTrainFunction
       AutogradContext* ctx,
       const Variable& input,
       const Variable& weight,
-      const Variable& bias,
-      const Variable& bn_weight,
-      const Variable& bn_bias,
+      const std::optional<Variable>& bias,
+      const std::optional<Variable>& bn_weight,
+      const std::optional<Variable>& bn_bias,
       at::IntArrayRef stride,
       at::IntArrayRef padding,
       at::IntArrayRef dilation,
@@ -47,17 +48,19 @@ class ConvBNTrainFunction
       bool memory_efficient) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, save_mean, save_invstd, conv_output] = conv_bn_train(
-        input, weight, optional_of(bias), optional_of(bn_weight),
-        optional_of(bn_bias), stride, padding, dilation, groups, eps,
-        memory_efficient);
+        input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
+        groups, eps, memory_efficient);
 
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["dilation"] = dilation;
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bn_bias"] = present(bn_bias);
     ctx->save_for_backward(
-        {input, weight, bias, bn_weight, conv_output, save_mean, save_invstd});
+        {input, weight, bias.value_or(Variable()),
+         bn_weight.value_or(Variable()), conv_output, save_mean,
+         save_invstd});
     ctx->mark_non_differentiable({save_mean, save_invstd, conv_output});
     return {output, save_mean, save_invstd, conv_output};
   }
@@ -66,10 +69,18 @@ class ConvBNTrainFunction
       AutogradContext* ctx,
       const variable_list& grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 5> output_mask = {
-        ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-        ctx->needs_input_grad(2), ctx->needs_input_grad(3),
-        ctx->needs_input_grad(4)};
+    // needs_input_grad counts only the tensors that were passed: an absent
+    // optional (bias, bn_weight, bn_bias) has no edge.
+    const std::array<bool, 5> present_inputs = {
+        true, true, saved[2].defined(), saved[3].defined(),
+        ctx->saved_data["has_bn_bias"].toBool()};
+    std::array<bool, 5> output_mask{};
+    size_t edge = 0;
+    for (size_t i = 0; i < present_inputs.size(); ++i) {
+      if (present_inputs[i]) {
+        output_mask[i] = ctx->needs_input_grad(edge++);
+      }
+    }
     auto [grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias] =
         conv_bn_train_backward(
             grad_outputs[0], saved[0], saved[1], optional_of(saved[2]),
@@ -99,9 +110,8 @@ conv_bn_train_autograd(
     double eps,
     bool memory_efficient) {
   auto result = ConvBNTrainFunction::apply(
-      input, weight, bias.value_or(at::Tensor()),
-      bn_weight.value_or(at::Tensor()), bn_bias.value_or(at::Tensor()),
-      stride, padding, dilation, groups, eps, memory_efficient);
+      input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
+      groups, eps, memory_efficient);
   return {result[0], result[1], result[2], result[3]};
 }
 

@@ -150,7 +150,9 @@ std::array<opmath_t<T>, 2> span_sum_and_dot_centered(
   return {s_dy, s_dot};
 }
 
-// out = a * u + b * v + c (the b * v term only when HasV). out may be u or v.
+// out = a * u + b * (v - m) + c (the v term only when HasV). out may be u or
+// v. v is centred before it is scaled: folding -b * m into c would round
+// b * v and b * m separately and lose the difference when the mean is large.
 template <typename T, bool HasV>
 void span_affine(
     T* out,
@@ -158,17 +160,18 @@ void span_affine(
     opmath_t<T> a,
     const T* v,
     opmath_t<T> b,
+    opmath_t<T> m,
     opmath_t<T> c,
     int64_t n) {
   using acc_t = opmath_t<T>;
   int64_t i = 0;
   if constexpr (kVectorized<T>) {
     using Vec = at::vec::Vectorized<T>;
-    const Vec va(a), vb(b), vc(c);
+    const Vec va(a), vb(b), vm(m), vc(c);
     for (; i + Vec::size() <= n; i += Vec::size()) {
       Vec r = at::vec::fmadd(Vec::loadu(u + i), va, vc);
       if constexpr (HasV) {
-        r = at::vec::fmadd(Vec::loadu(v + i), vb, r);
+        r = at::vec::fmadd(Vec::loadu(v + i) - vm, vb, r);
       }
       r.store(out + i);
     }
@@ -176,7 +179,7 @@ void span_affine(
   for (; i < n; ++i) {
     acc_t r = a * acc_t(u[i]) + c;
     if constexpr (HasV) {
-      r += b * acc_t(v[i]);
+      r += b * (acc_t(v[i]) - m);
     }
     out[i] = T(r);
   }
@@ -248,7 +251,8 @@ void row_add_sum_and_dot_centered(
   }
 }
 
-// out[c] = a[c] * u[c] + b[c] * v[c] + c0[c] (the b * v term only when HasV)
+// out[c] = a[c] * u[c] + b[c] * (v[c] - m[c]) + c0[c] (the v term only when
+// HasV), as span_affine.
 template <typename T, bool HasV>
 void row_affine(
     T* out,
@@ -256,6 +260,7 @@ void row_affine(
     const opmath_t<T>* a,
     const T* v,
     const opmath_t<T>* b,
+    const opmath_t<T>* m,
     const opmath_t<T>* c0,
     int64_t C) {
   int64_t c = 0;
@@ -265,7 +270,8 @@ void row_affine(
       Vec r = at::vec::fmadd(
           Vec::loadu(u + c), Vec::loadu(a + c), Vec::loadu(c0 + c));
       if constexpr (HasV) {
-        r = at::vec::fmadd(Vec::loadu(v + c), Vec::loadu(b + c), r);
+        r = at::vec::fmadd(
+            Vec::loadu(v + c) - Vec::loadu(m + c), Vec::loadu(b + c), r);
       }
       r.store(out + c);
     }
@@ -273,7 +279,7 @@ void row_affine(
   for (; c < C; ++c) {
     opmath_t<T> r = a[c] * opmath_t<T>(u[c]) + c0[c];
     if constexpr (HasV) {
-      r += b[c] * opmath_t<T>(v[c]);
+      r += b[c] * (opmath_t<T>(v[c]) - m[c]);
     }
     out[c] = T(r);
   }
@@ -411,24 +417,31 @@ void batch_grad_sums(
   }
 }
 
-// out = a[c] * u + b[c] * v + c0[c] per channel, elementwise (the v term only
-// when v is given). a, b, c0 are 1-D opmath tensors; out may alias u or v.
+// Per channel, elementwise: out = a[c] * u + c0[c], plus b[c] * (v - m[c])
+// when `centered` = {v, b, m} is given. a, b, m, c0 are 1-D opmath tensors;
+// out may alias u or v.
+struct CenteredTerm {
+  const at::Tensor& v;
+  const at::Tensor& b;
+  const at::Tensor& m;
+};
+
 template <typename T>
 void channel_affine(
     at::Tensor& out,
     const at::Tensor& u,
     const at::Tensor& a,
-    const at::Tensor* v,
-    const at::Tensor* b,
-    const at::Tensor& c0) {
+    const at::Tensor& c0,
+    const CenteredTerm* centered = nullptr) {
   using acc_t = opmath_t<T>;
   const ChannelLayout L = channel_layout(u);
   const int64_t C = L.channels, HW = L.spatial;
   T* out_data = out.data_ptr<T>();
   const T* u_data = u.const_data_ptr<T>();
-  const T* v_data = v ? v->const_data_ptr<T>() : nullptr;
+  const T* v_data = centered ? centered->v.const_data_ptr<T>() : nullptr;
   const acc_t* a_data = a.const_data_ptr<acc_t>();
-  const acc_t* b_data = b ? b->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* b_data = centered ? centered->b.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* m_data = centered ? centered->m.const_data_ptr<acc_t>() : nullptr;
   const acc_t* c_data = c0.const_data_ptr<acc_t>();
 
   auto run = [&](auto has_v) {
@@ -441,7 +454,7 @@ void channel_affine(
           span_affine<T, HasV>(
               out_data + p * HW, u_data + p * HW, a_data[c],
               HasV ? v_data + p * HW : nullptr, HasV ? b_data[c] : acc_t(0),
-              c_data[c], HW);
+              HasV ? m_data[c] : acc_t(0), c_data[c], HW);
         }
       });
     } else {
@@ -451,12 +464,12 @@ void channel_affine(
             for (int64_t r = r0; r < r1; ++r) {
               row_affine<T, HasV>(
                   out_data + r * C, u_data + r * C, a_data,
-                  HasV ? v_data + r * C : nullptr, b_data, c_data, C);
+                  HasV ? v_data + r * C : nullptr, b_data, m_data, c_data, C);
             }
           });
     }
   };
-  if (v != nullptr) {
+  if (centered != nullptr) {
     run(std::true_type{});
   } else {
     run(std::false_type{});

@@ -50,8 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_cpu(
   // the backward recomputes it.
   at::Tensor output = memory_efficient ? y : at::empty_like(y);
   CONVBN_DISPATCH(y.scalar_type(), "convbn_normalize_cpu", [&] {
-    cpu::channel_affine<scalar_t>(
-        output, y, coef.scale, nullptr, nullptr, coef.shift);
+    cpu::channel_affine<scalar_t>(output, y, coef.scale, coef.shift);
   });
 
   at::Tensor save_mean =
@@ -131,12 +130,13 @@ conv_bn_train_backward_cpu(
   }
   if (output_mask[0] || output_mask[1]) {
     const auto coef = grad_y_coefficients(
-        sum_dy, sum_dy_xmu, mean, invstd, bn_weight,
+        sum_dy, sum_dy_xmu, invstd, bn_weight,
         y.size(0) * y.size(2) * y.size(3));
     // A recomputed conv output is scratch: grad_y overwrites it.
     at::Tensor grad_y = recompute ? y : at::empty_like(y);
     CONVBN_DISPATCH(y.scalar_type(), "convbn_grad_y_cpu", [&] {
-      cpu::channel_affine<scalar_t>(grad_y, dy, coef.a, &y, &coef.b, coef.c);
+      const cpu::CenteredTerm centered{y, coef.b, mean};
+      cpu::channel_affine<scalar_t>(grad_y, dy, coef.a, coef.c, &centered);
     });
     auto grads = at::convolution_backward(
         grad_y, input, weight, /*bias_sizes=*/std::nullopt, stride, padding,

@@ -12,6 +12,16 @@ def _stats_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _check_same_device(op, input, **tensors):
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(
+                t.device == input.device,
+                lambda: f"{op}: `{name}` is on {t.device} but `input` is on {input.device}; "
+                "move them to the same device",
+            )
+
+
 def _conv_output_size(input, weight, stride, padding, dilation):
     torch._check(input.dim() == 4, lambda: f"convbn: expected a 4-D input, got {input.dim()}-D")
     torch._check(weight.dim() == 4, lambda: f"convbn: expected a 4-D weight, got {weight.dim()}-D")
@@ -26,6 +36,8 @@ def _conv_output_size(input, weight, stride, padding, dilation):
 def _conv_bn_train_fake(
     input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, memory_efficient=True
 ):
+    _check_same_device("convbn.conv_bn_train", input, weight=weight, bias=bias,
+                       bn_weight=bn_weight, bn_bias=bn_bias)
     size = _conv_output_size(input, weight, stride, padding, dilation)
     fmt = suggest_memory_format(input)
     output = torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
@@ -39,6 +51,8 @@ def _conv_bn_train_backward_fake(
     grad_output, input, weight, bias, bn_weight, conv_output, save_mean, save_invstd,
     stride, padding, dilation, groups, eps, output_mask,
 ):
+    _check_same_device("convbn.conv_bn_train_backward", input, grad_output=grad_output,
+                       weight=weight, bias=bias, bn_weight=bn_weight)
     param_dtype = bn_weight.dtype if bn_weight is not None else input.dtype
     channels = weight.shape[0]
     grad_input = (

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what convbn needs to build and test, on a fresh Debian machine:
+# torch (the CPU build 2.13.0 unless a torch is already installed), pytest
+# and friends from PyPI, GoogleTest and CMake from Debian. Skips what is there.
+set -euo pipefail
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+missing=()
+for module in pytest numpy matplotlib expecttest; do
+  "$PY" -c "import $module" 2>/dev/null || missing+=("$module")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  "$PY" -m pip install -q "${missing[@]}"
+fi
+
+need_apt=()
+[ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev)
+command -v cmake >/dev/null || need_apt+=(cmake)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  else
+    echo "convbn: please install ${need_apt[*]} (Debian: apt-get install ${need_apt[*]})" >&2
+    exit 1
+  fi
+fi

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The README's test command: installs what is missing, builds everything,
+# then runs the GoogleTest suite (through ctest) and the pytest suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install_deps.sh
+bash scripts/build.sh
+(cd build && ctest --output-on-failure)
+python3 -m pytest -q tests "$@"

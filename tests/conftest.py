@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+import convbn  # noqa: F401  (loads torch.ops.convbn)
+
+# Tolerances against a float64 reference, relative to the reference's scale.
+# float64 differs only by summation order. For float32/bfloat16 they are the
+# floor of assert_as_accurate_as_pair: batch-norm gradients sum values that
+# nearly cancel (a depthwise 1x1 conv's weight grad is exactly zero, so both
+# implementations return pure rounding noise), so the fair bar is the pair's
+# own error in that dtype; a real bug is off by O(1) of the reference's scale.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def assert_close_to_reference(actual, expected, dtype, name=""):
+    """actual (computed in dtype) against expected (float64), with an absolute
+    tolerance scaled by the reference's largest magnitude."""
+    tol = TOLERANCE[dtype]
+    expected = expected.double()
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.double(), expected, rtol=tol, atol=tol * scale,
+        msg=lambda m: f"{name}: {m}",
+    )
+
+
+def assert_as_accurate_as_pair(actual, pair, expected, dtype, name=""):
+    """For low-precision dtypes: actual's error against the float64 reference
+    is within five times the error of nn.Conv2d + nn.BatchNorm2d run in the same
+    dtype (`pair`), plus a floor of TOLERANCE[dtype] relative to the
+    reference's scale."""
+    expected = expected.double()
+    scale = max(expected.abs().max().item(), 1.0)
+    err = (actual.double() - expected).abs().max().item()
+    pair_err = (pair.double() - expected).abs().max().item()
+    bound = 5 * pair_err + TOLERANCE[dtype] * scale
+    assert err <= bound, f"{name}: error {err:.4g} > {bound:.4g} (the {dtype} pair's error is {pair_err:.4g})"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,86 @@
+"""gradcheck/gradgradcheck in float64 for every differentiable input of every
+op, in both memory modes; the backward op's output mask."""
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+D = dict(dtype=torch.float64)
+
+
+def _inputs(with_bias=True, affine=True, channels_last=False):
+    x = torch.randn(2, 4, 5, 6, **D)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    tensors = {
+        "input": x.requires_grad_(),
+        "weight": torch.randn(6, 2, 3, 3, **D, requires_grad=True),
+        "bias": torch.randn(6, **D, requires_grad=True) if with_bias else None,
+        "bn_weight": (torch.rand(6, **D) + 0.5).requires_grad_() if affine else None,
+        "bn_bias": torch.randn(6, **D, requires_grad=True) if affine else None,
+    }
+    return tensors
+
+
+def _train_fn(names, others, memory_efficient, stride=(1, 2)):
+    def fn(*tensors):
+        args = dict(others, **dict(zip(names, tensors)))
+        return torch.ops.convbn.conv_bn_train(
+            args["input"], args["weight"], args["bias"], args["bn_weight"], args["bn_bias"],
+            list(stride), [1, 0], [1, 1], 2, 1e-5, memory_efficient,
+        )[0]
+    return fn
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+@pytest.mark.parametrize("with_bias,affine,channels_last", [(True, True, False), (False, False, True), (True, False, False)])
+def test_train_gradcheck_and_gradgradcheck(memory_efficient, with_bias, affine, channels_last):
+    tensors = _inputs(with_bias, affine, channels_last)
+    names = [n for n, t in tensors.items() if t is not None]
+    fn = _train_fn(names, tensors, memory_efficient)
+    inputs = tuple(tensors[n] for n in names)
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_train_grads_for_a_subset_of_inputs(memory_efficient):
+    # Only weight requires grad: the output mask skips the rest.
+    tensors = _inputs()
+    for name in ("input", "bias", "bn_bias"):
+        tensors[name] = tensors[name].detach()
+    fn = _train_fn(["weight", "bn_weight"], tensors, memory_efficient)
+    assert gradcheck(fn, (tensors["weight"], tensors["bn_weight"]))
+
+
+def test_backward_op_honours_output_mask():
+    t = _inputs()
+    out, mean, invstd, conv_out = torch.ops.convbn.conv_bn_train(
+        t["input"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"], [1, 1], [1, 1], [1, 1], 2, 1e-5, True)
+    with torch.no_grad():
+        grads = torch.ops.convbn.conv_bn_train_backward(
+            torch.randn_like(out), t["input"], t["weight"], t["bias"], t["bn_weight"], None, mean, invstd,
+            [1, 1], [1, 1], [1, 1], 2, 1e-5, [False, True, False, True, False])
+    assert grads[0] is None and grads[2] is None and grads[4] is None
+    assert grads[1].shape == t["weight"].shape and grads[3].shape == (6,)
+
+
+def test_conv_bias_gradient_is_zero_in_training():
+    # Batch norm absorbs any per-channel constant: d(output)/d(conv bias) = 0.
+    t = _inputs()
+    out = torch.ops.convbn.conv_bn_train(
+        t["input"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"], [1, 1], [1, 1], [1, 1], 2, 1e-5, True)[0]
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.count_nonzero(t["bias"].grad) == 0
+
+
+def test_eval_gradcheck_and_gradgradcheck():
+    t = _inputs()
+    running_mean, running_var = torch.randn(6, **D), torch.rand(6, **D) + 0.5
+
+    def fn(x, w, b, g, beta):
+        return torch.ops.convbn.conv_bn_eval(x, w, b, g, beta, running_mean, running_var,
+                                            [2, 1], [1, 1], [1, 2], 2, 1e-3)
+    inputs = (t["input"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"])
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
