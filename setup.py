@@ -37,7 +37,8 @@ def extensions():
     rel = lambda pattern: sorted(
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)
     )
-    sources = rel("csrc/**/*.cpp")
+    # The AVX2 kernels go last: see csrc/cpu/kernels_avx2.cpp.
+    sources = sorted(rel("csrc/**/*.cpp"), key=lambda p: p.endswith("_avx2.cpp"))
     cuda_sources = rel("cuda/*.cu")
     cxx_flags = ["-O3", "-DPy_LIMITED_API=0x03090000"]
     if want_cuda(cuda_sources):

@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
 bash scripts/build.sh
 (cd build && ctest --output-on-failure)
+# The numeric suites once more on the portable (non-AVX2) CPU kernels.
+CONVBN_CPU_CAPABILITY=default python3 -m pytest -q tests/test_parity.py tests/test_autograd.py
 python3 -m pytest -q tests "$@"

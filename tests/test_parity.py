@@ -181,3 +181,27 @@ def test_matches_conv_then_batchnorm(case):
         out = fused(x.to(dtype).contiguous(memory_format=memory_format))
         out_lp = bn_lp(conv_lp(x.to(dtype))) if low_precision else None
         check(out, bn(conv(x)), out_lp, "eval output")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("channels,size", [(6, 40), (80, 20), (2048, 3)])
+def test_statistics_over_many_blocks_with_a_large_mean(dtype, layout, channels, size):
+    """Many planes / row blocks (channels_last blocks hold ~32K values, so
+    6 channels x 3*40*40 rows spans several), and a mean of 1000 over a spread
+    of ~1, where E[x^2] - E[x]^2 would lose every digit of a float32
+    variance: the running statistics and the output still match the pair."""
+    conv = nn.Conv2d(channels, channels, 1, groups=channels, bias=True, dtype=torch.float64)
+    bn = nn.BatchNorm2d(channels, momentum=0.5, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(_round(torch.rand_like(conv.weight) + 0.5, dtype))
+        conv.bias.fill_(1000.0)
+    fused = ConvBN2d.from_modules(conv, bn).to(dtype)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = _round(torch.randn(3, channels, size, size), dtype)
+    out_ref = bn(conv(x))
+    out = fused(x.to(dtype).contiguous(memory_format=memory_format))
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(out.double(), out_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(fused.running_mean.double(), bn.running_mean, rtol=tol, atol=0)
+    torch.testing.assert_close(fused.running_var.double(), bn.running_var, rtol=tol, atol=tol)

@@ -7,21 +7,37 @@
 // Reductions accumulate in at::opmath_type (float for float16/bfloat16,
 // otherwise the type itself) over one plane or one block of rows, and in
 // double across planes/blocks, so that long channels keep their precision.
+// Statistics are Welford-style: exact per-part mean and M2, merged (Chan).
 // The order of every sum is fixed (blocks do not depend on the thread
 // count), so results are deterministic.
+//
+// This header is compiled once per instruction set, like ATen's cpu/
+// kernels: the includer defines CONVBN_CPU_ISA (the namespace of this copy)
+// and, for AVX2, ATen's CPU_CAPABILITY macros before any include (see
+// kernels_default.cpp and kernels_avx2.cpp). kernel_table.h picks a copy at
+// run time.
 #pragma once
 
+#ifndef CONVBN_CPU_ISA
+#error "define CONVBN_CPU_ISA before including batch_norm_kernels.h"
+#endif
+
+#include "kernel_table.h"
+
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <array>
 #include <type_traits>
 #include <vector>
 
 namespace convbn {
 namespace cpu {
+namespace CONVBN_CPU_ISA {
 
 template <typename T>
 using opmath_t = at::opmath_type<T>;
@@ -288,50 +304,59 @@ void row_affine(
 // ---------------------------------------------------------------------------
 // Drivers over a whole tensor.
 
-// Rows per block in channels_last reductions: the opmath accumulation runs
-// over at most this many values before it is added into double.
-constexpr int64_t kRowsPerBlock = 256;
+// Channels-last reductions walk rows in blocks of about 32K values (128 KiB
+// of float): small enough to stay in cache for a second look, large enough
+// to amortize the per-block work. The block size depends only on C, so the
+// order of every sum is fixed.
+inline int64_t rows_per_block(int64_t channels) {
+  return std::clamp<int64_t>(32768 / std::max<int64_t>(channels, 1), 8, 1024);
+}
 
-// Channels-last reduction: `row_fn(acc, row)` adds one row into a block
-// accumulator of `width` opmath values (width = K * C for K sums per
-// channel). Returns the `width` totals in double, summed over blocks in a
-// fixed order.
-template <typename acc_t, typename RowFn>
-std::vector<double> reduce_rows(
+// Channels-last reduction: `block_fn(acc, r_begin, r_end)` reduces rows
+// [r_begin, r_end) into `width` opmath values (e.g. K values per channel).
+// Returns the per-block results, block after block, in double.
+template <typename acc_t, typename BlockFn>
+std::vector<double> reduce_row_blocks(
     int64_t rows,
+    int64_t block_rows,
     int64_t width,
-    const RowFn& row_fn) {
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+    const BlockFn& block_fn) {
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
   std::vector<double> partial(blocks * width);
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
     std::vector<acc_t> acc(width);
     for (int64_t b = b_begin; b < b_end; ++b) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      const int64_t r_end = std::min(rows, (b + 1) * kRowsPerBlock);
-      for (int64_t r = b * kRowsPerBlock; r < r_end; ++r) {
-        row_fn(acc.data(), r);
-      }
+      block_fn(acc.data(), b * block_rows, std::min(rows, (b + 1) * block_rows));
       std::copy(acc.begin(), acc.end(), partial.begin() + b * width);
     }
   });
-  std::vector<double> total(width, 0.0);
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int64_t i = 0; i < width; ++i) {
-      total[i] += partial[b * width + i];
-    }
-  }
-  return total;
+  return partial;
 }
 
-// Per-channel mean and biased variance of y, two passes (the second one
-// centered on the mean, which keeps the variance accurate when the mean is
-// large). mean and var are 1-D opmath tensors of y.size(1) elements.
+// Running (count, mean, M2) of one channel, merged with Chan et al.'s
+// parallel formula: the exact statistics of the union of two parts.
+struct MeanM2 {
+  double count = 0, mean = 0, m2 = 0;
+  void merge(double n, double part_mean, double part_m2) {
+    const double total = count + n;
+    const double delta = part_mean - mean;
+    mean += delta * n / total;
+    m2 += part_m2 + delta * delta * count * n / total;
+    count = total;
+  }
+};
+
+// Per-channel mean and biased variance of y, in one pass over memory: each
+// plane (NCHW) or block of rows (channels_last) gets its exact two-pass mean
+// and sum of squared deviations while it is in cache, and the parts are
+// merged in double. This keeps the accuracy of a two-pass variance (no
+// E[x^2] - E[x]^2 cancellation) at the memory traffic of one pass.
 template <typename T>
 void batch_mean_var(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   using acc_t = opmath_t<T>;
   const ChannelLayout L = channel_layout(y);
   const int64_t C = L.channels, HW = L.spatial;
-  const double count = static_cast<double>(L.values_per_channel());
   const T* data = y.const_data_ptr<T>();
   acc_t* mean_out = mean.data_ptr<acc_t>();
   acc_t* var_out = var.data_ptr<acc_t>();
@@ -339,34 +364,48 @@ void batch_mean_var(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   if (!L.channels_last) {
     at::parallel_for(0, C, 1, [&](int64_t c_begin, int64_t c_end) {
       for (int64_t c = c_begin; c < c_end; ++c) {
-        double s = 0;
+        MeanM2 stats;
         for (int64_t n = 0; n < L.batch; ++n) {
-          s += span_sum(data + (n * C + c) * HW, HW);
+          const T* plane = data + (n * C + c) * HW;
+          const acc_t plane_mean = span_sum(plane, HW) / acc_t(HW);
+          stats.merge(
+              HW, plane_mean, span_sum_sq_centered(plane, HW, plane_mean));
         }
-        const acc_t m = static_cast<acc_t>(s / count);
-        double q = 0;
-        for (int64_t n = 0; n < L.batch; ++n) {
-          q += span_sum_sq_centered(data + (n * C + c) * HW, HW, m);
-        }
-        mean_out[c] = m;
-        var_out[c] = static_cast<acc_t>(q / count);
+        mean_out[c] = static_cast<acc_t>(stats.mean);
+        var_out[c] = static_cast<acc_t>(stats.m2 / stats.count);
       }
     });
     return;
   }
 
   const int64_t rows = L.values_per_channel();
-  const std::vector<double> sums = reduce_rows<acc_t>(
-      rows, C, [&](acc_t* acc, int64_t r) { row_add(acc, data + r * C, C); });
-  for (int64_t c = 0; c < C; ++c) {
-    mean_out[c] = static_cast<acc_t>(sums[c] / count);
-  }
-  const std::vector<double> sq = reduce_rows<acc_t>(
-      rows, C, [&](acc_t* acc, int64_t r) {
-        row_add_sq_centered(acc, data + r * C, mean_out, C);
+  const int64_t block_rows = rows_per_block(C);
+  // Per block: C means, then C sums of squared deviations from them.
+  const std::vector<double> partial = reduce_row_blocks<acc_t>(
+      rows, block_rows, 2 * C, [&](acc_t* acc, int64_t r0, int64_t r1) {
+        acc_t* block_mean = acc;
+        acc_t* block_m2 = acc + C;
+        for (int64_t r = r0; r < r1; ++r) {
+          row_add(block_mean, data + r * C, C);
+        }
+        const acc_t inv_rows = acc_t(1) / acc_t(r1 - r0);
+        for (int64_t c = 0; c < C; ++c) {
+          block_mean[c] *= inv_rows;
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          row_add_sq_centered(block_m2, data + r * C, block_mean, C);
+        }
       });
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
   for (int64_t c = 0; c < C; ++c) {
-    var_out[c] = static_cast<acc_t>(sq[c] / count);
+    MeanM2 stats;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const double n = static_cast<double>(
+          std::min(rows, (b + 1) * block_rows) - b * block_rows);
+      stats.merge(n, partial[b * 2 * C + c], partial[b * 2 * C + C + c]);
+    }
+    mean_out[c] = static_cast<acc_t>(stats.mean);
+    var_out[c] = static_cast<acc_t>(stats.m2 / stats.count);
   }
 }
 
@@ -406,11 +445,19 @@ void batch_grad_sums(
     return;
   }
 
-  const std::vector<double> sums = reduce_rows<acc_t>(
-      L.values_per_channel(), 2 * C, [&](acc_t* acc, int64_t r) {
-        row_add_sum_and_dot_centered(
-            acc, acc + C, dy_data + r * C, y_data + r * C, mean_data, C);
+  const int64_t rows = L.values_per_channel();
+  const int64_t block_rows = rows_per_block(C);
+  const std::vector<double> partial = reduce_row_blocks<acc_t>(
+      rows, block_rows, 2 * C, [&](acc_t* acc, int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          row_add_sum_and_dot_centered(
+              acc, acc + C, dy_data + r * C, y_data + r * C, mean_data, C);
+        }
       });
+  std::vector<double> sums(2 * C, 0.0);
+  for (size_t i = 0; i < partial.size(); ++i) {
+    sums[i % (2 * C)] += partial[i];
+  }
   for (int64_t c = 0; c < C; ++c) {
     sum_dy_out[c] = static_cast<acc_t>(sums[c]);
     sum_dot_out[c] = static_cast<acc_t>(sums[C + c]);
@@ -420,19 +467,13 @@ void batch_grad_sums(
 // Per channel, elementwise: out = a[c] * u + c0[c], plus b[c] * (v - m[c])
 // when `centered` = {v, b, m} is given. a, b, m, c0 are 1-D opmath tensors;
 // out may alias u or v.
-struct CenteredTerm {
-  const at::Tensor& v;
-  const at::Tensor& b;
-  const at::Tensor& m;
-};
-
 template <typename T>
 void channel_affine(
     at::Tensor& out,
     const at::Tensor& u,
     const at::Tensor& a,
     const at::Tensor& c0,
-    const CenteredTerm* centered = nullptr) {
+    const CenteredTerm* centered) {
   using acc_t = opmath_t<T>;
   const ChannelLayout L = channel_layout(u);
   const int64_t C = L.channels, HW = L.spatial;
@@ -476,5 +517,52 @@ void channel_affine(
   }
 }
 
+// ---------------------------------------------------------------------------
+// Entry points of this copy: dtype dispatch over the templates above.
+
+#define CONVBN_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+inline void dispatch_batch_mean_var(
+    const at::Tensor& y,
+    at::Tensor& mean,
+    at::Tensor& var) {
+  CONVBN_DISPATCH_FLOATING(y.scalar_type(), "convbn_batch_mean_var", [&] {
+    batch_mean_var<scalar_t>(y, mean, var);
+  });
+}
+
+inline void dispatch_batch_grad_sums(
+    const at::Tensor& dy,
+    const at::Tensor& y,
+    const at::Tensor& mean,
+    at::Tensor& sum_dy,
+    at::Tensor& sum_dy_xmu) {
+  CONVBN_DISPATCH_FLOATING(y.scalar_type(), "convbn_batch_grad_sums", [&] {
+    batch_grad_sums<scalar_t>(dy, y, mean, sum_dy, sum_dy_xmu);
+  });
+}
+
+inline void dispatch_channel_affine(
+    at::Tensor& out,
+    const at::Tensor& u,
+    const at::Tensor& a,
+    const at::Tensor& c0,
+    const CenteredTerm* centered) {
+  CONVBN_DISPATCH_FLOATING(u.scalar_type(), "convbn_channel_affine", [&] {
+    channel_affine<scalar_t>(out, u, a, c0, centered);
+  });
+}
+
+#undef CONVBN_DISPATCH_FLOATING
+
+inline const KernelTable& kernel_table() {
+  static const KernelTable table{
+      &dispatch_batch_mean_var, &dispatch_batch_grad_sums,
+      &dispatch_channel_affine};
+  return table;
+}
+
+} // namespace CONVBN_CPU_ISA
 } // namespace cpu
 } // namespace convbn

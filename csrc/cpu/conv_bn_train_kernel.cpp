@@ -1,10 +1,10 @@
 // CPU kernels of conv_bn_train and conv_bn_train_backward: argument checks,
-// allocation and the order of passes. The math is in batch_norm_kernels.h.
+// allocation and the order of passes. The math is in batch_norm_kernels.h,
+// reached through the kernel table of the best instruction set.
 #include "../checks.h"
 #include "../conv_bn_common.h"
-#include "batch_norm_kernels.h"
+#include "kernel_table.h"
 
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 namespace convbn {
@@ -12,10 +12,6 @@ namespace {
 
 constexpr const char* kTrainOp = "convbn.conv_bn_train";
 constexpr const char* kBackwardOp = "convbn.conv_bn_train_backward";
-
-#define CONVBN_DISPATCH(TYPE, NAME, ...)                   \
-  AT_DISPATCH_FLOATING_TYPES_AND2(                         \
-      at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_cpu(
     const at::Tensor& input,
@@ -40,18 +36,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_cpu(
   const int64_t channels = y.size(1);
   at::Tensor mean = at::empty({channels}, y.options().dtype(acc_dtype));
   at::Tensor var = at::empty_like(mean);
-  CONVBN_DISPATCH(y.scalar_type(), "convbn_batch_mean_var_cpu", [&] {
-    cpu::batch_mean_var<scalar_t>(y, mean, var);
-  });
+  const cpu::KernelTable& kernels = cpu::kernels();
+  kernels.batch_mean_var(y, mean, var);
   at::Tensor invstd = (var + eps).rsqrt_();
 
   const auto coef = normalize_coefficients(mean, invstd, bn_weight, bn_bias);
   // Memory-efficient mode normalizes in place: the conv output is not kept,
   // the backward recomputes it.
   at::Tensor output = memory_efficient ? y : at::empty_like(y);
-  CONVBN_DISPATCH(y.scalar_type(), "convbn_normalize_cpu", [&] {
-    cpu::channel_affine<scalar_t>(output, y, coef.scale, coef.shift);
-  });
+  kernels.channel_affine(output, y, coef.scale, coef.shift, nullptr);
 
   at::Tensor save_mean =
       present(bias) ? mean + bias->to(acc_dtype) : std::move(mean);
@@ -110,9 +103,8 @@ conv_bn_train_backward_cpu(
   const at::Tensor invstd = save_invstd.to(acc_dtype).contiguous();
   at::Tensor sum_dy = at::empty({channels}, y.options().dtype(acc_dtype));
   at::Tensor sum_dy_xmu = at::empty_like(sum_dy);
-  CONVBN_DISPATCH(y.scalar_type(), "convbn_batch_grad_sums_cpu", [&] {
-    cpu::batch_grad_sums<scalar_t>(dy, y, mean, sum_dy, sum_dy_xmu);
-  });
+  const cpu::KernelTable& kernels = cpu::kernels();
+  kernels.batch_grad_sums(dy, y, mean, sum_dy, sum_dy_xmu);
 
   at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
   const auto param_dtype =
@@ -134,10 +126,8 @@ conv_bn_train_backward_cpu(
         y.size(0) * y.size(2) * y.size(3));
     // A recomputed conv output is scratch: grad_y overwrites it.
     at::Tensor grad_y = recompute ? y : at::empty_like(y);
-    CONVBN_DISPATCH(y.scalar_type(), "convbn_grad_y_cpu", [&] {
-      const cpu::CenteredTerm centered{y, coef.b, mean};
-      cpu::channel_affine<scalar_t>(grad_y, dy, coef.a, coef.c, &centered);
-    });
+    const cpu::CenteredTerm centered{y, coef.b, mean};
+    kernels.channel_affine(grad_y, dy, coef.a, coef.c, &centered);
     auto grads = at::convolution_backward(
         grad_y, input, weight, /*bias_sizes=*/std::nullopt, stride, padding,
         dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
