@@ -71,29 +71,25 @@ class TutorialModule(nn.Module):
         return TutorialConvBN.apply(x, self.conv.weight, self.conv.stride, self.conv.padding)
 
 
-def median_time(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(fns, repeats, warmup=2):
+    """Median time of each function, running them round-robin within each
+    repeat so that drift of a shared machine affects all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def saved_bytes(module, x):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    x_ptr = x.untyped_storage().data_ptr()
-    # The input is kept by every contender (and by the previous layer anyway).
-    return sum(n for ptr, n in storages.items() if ptr != x_ptr)
+    """Bytes kept for backward, without the input (every contender keeps it)
+    but with the weights (the pair keeps them too)."""
+    return convbn.utils.saved_tensor_bytes(lambda: module(x), exclude=[x])
 
 
 def bench_shape(shape, repeats, use_compile):
@@ -114,24 +110,28 @@ def bench_shape(shape, repeats, use_compile):
     grad = torch.randn_like(pair(x))
 
     row = {"shape": name, "batch": n}
-    for label, module in contenders.items():
-        module.train()
-        xr = x.clone().requires_grad_()
+    xr = x.clone().requires_grad_()
 
+    def train_step(module):
         def step():
-            out = module(xr)
-            out.backward(grad)
+            module(xr).backward(grad)
+        return step
 
-        row[f"train {label}"] = median_time(step, repeats)
+    for module in contenders.values():
+        module.train()
+    times = interleaved_medians({label: train_step(m) for label, m in contenders.items()}, repeats)
+    for label, module in contenders.items():
+        row[f"train {label}"] = times[label]
         row[f"saved {label}"] = None if label.startswith("torch.compile") else saved_bytes(module, xr)
 
     bare = nn.Conv2d(cin, cout, k, s, p, bias=True)
-    evals = {"bare conv": bare, "eager pair": pair,
-             "convbn": contenders["convbn memory-efficient"]}
+    evals = {"bare conv": bare, "eager pair": pair, "convbn": contenders["convbn memory-efficient"]}
+    for module in evals.values():
+        module.eval()
     with torch.no_grad():
-        for label, module in evals.items():
-            module.eval()
-            row[f"eval {label}"] = median_time(lambda: module(x), repeats)
+        times = interleaved_medians({label: (lambda m=m: m(x)) for label, m in evals.items()}, repeats)
+    for label in evals:
+        row[f"eval {label}"] = times[label]
     row["conv output bytes"] = grad.numel() * grad.element_size()
     return row
 
@@ -166,7 +166,7 @@ def geomean(values):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     parser.add_argument("--markdown", help="write the table here")
     parser.add_argument("--plot", help="write a PNG plot of train-step time ratios here")

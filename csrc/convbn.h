@@ -76,6 +76,19 @@ void update_running_stats(
     std::optional<double> momentum,
     int64_t count);
 
+// Batch norm with running statistics folded into a conv: returns
+// (folded_weight, folded_bias) with conv2d(x, folded_weight, folded_bias) ==
+// batch_norm(conv2d(x, weight, bias), running stats, bn_weight, bn_bias).
+// Computed in float32 (float64 for float64 weights), cast to weight's dtype.
+std::tuple<at::Tensor, at::Tensor> fold_conv_bn(
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    double eps);
+
 // Inference: batch norm with running statistics folded into the conv weight
 // and bias, one convolution. Differentiable with respect to input, weight,
 // bias, bn_weight and bn_bias (training with frozen statistics).

@@ -31,6 +31,10 @@ TORCH_LIBRARY(convbn, m) {
       "Tensor(c!) num_batches_tracked, Tensor save_mean, Tensor save_invstd, "
       "float eps, float? momentum, SymInt count) -> ()");
   m.def(
+      "fold_conv_bn(Tensor weight, Tensor? bias, Tensor? bn_weight, "
+      "Tensor? bn_bias, Tensor running_mean, Tensor running_var, float eps) "
+      "-> (Tensor folded_weight, Tensor folded_bias)");
+  m.def(
       "conv_bn_eval(Tensor input, Tensor weight, Tensor? bias, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
       "Tensor running_var, int[2] stride, int[2] padding, int[2] dilation, "
@@ -99,6 +103,21 @@ void update_running_stats(
   op.call(
       running_mean, running_var, num_batches_tracked, save_mean, save_invstd,
       eps, momentum, c10::SymInt(count));
+}
+
+std::tuple<at::Tensor, at::Tensor> fold_conv_bn(
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("convbn::fold_conv_bn", "")
+                       .typed<decltype(fold_conv_bn)>();
+  return op.call(
+      weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
 }
 
 at::Tensor conv_bn_eval(

@@ -38,18 +38,6 @@ def make_net():
     )
 
 
-def saved_bytes(model, x):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(storages.values())
-
-
 def train(model, steps, batch, seed):
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -85,7 +73,7 @@ def main():
     print(f"convbn.fuse replaced {n_fused} Conv2d+BatchNorm2d pairs with ConvBN2d")
 
     probe, _ = make_batch(args.batch, torch.Generator().manual_seed(123))
-    memory = {name: saved_bytes(copy.deepcopy(net).train(), probe)
+    memory = {name: convbn.utils.saved_tensor_bytes(lambda net=net: copy.deepcopy(net).train()(probe))
               for name, net in (("nn.Conv2d+nn.BatchNorm2d", pair_net), ("convbn.ConvBN2d", fused_net))}
 
     results = {}

@@ -84,3 +84,14 @@ def test_eval_gradcheck_and_gradgradcheck():
     inputs = (t["input"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"])
     assert gradcheck(fn, inputs)
     assert gradgradcheck(fn, inputs)
+
+
+def test_fold_gradcheck_and_gradgradcheck():
+    t = _inputs()
+    running_mean, running_var = torch.randn(6, **D), torch.rand(6, **D) + 0.5
+
+    def fn(w, b, g, beta):
+        return torch.ops.convbn.fold_conv_bn(w, b, g, beta, running_mean, running_var, 1e-3)
+    inputs = (t["weight"], t["bias"], t["bn_weight"], t["bn_bias"])
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)

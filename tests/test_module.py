@@ -187,3 +187,39 @@ def test_fuse_keeps_running_statistics_in_step_with_the_pair():
             torch.testing.assert_close(m.running_mean, bn.running_mean)
             torch.testing.assert_close(m.running_var, bn.running_var)
             assert m.num_batches_tracked.item() == bn.num_batches_tracked.item() == 3
+
+
+def test_inference_fold_is_cached_and_follows_every_change():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64), _randomize(nn.BatchNorm2d(4, dtype=torch.float64))
+    fused = ConvBN2d.from_modules(conv, bn).eval()
+    pair = nn.Sequential(conv, bn).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), pair(x))
+        # Grad mode takes the differentiable path, which must agree too.
+        torch.testing.assert_close(fused(x), pair(x))
+
+    check()
+    with torch.no_grad():  # in-place change of a parameter
+        fused.weight.mul_(2), conv.weight.mul_(2)
+    check()
+    fused.bn_bias = nn.Parameter(bn.bias.detach().clone() + 1)  # a replaced parameter
+    with torch.no_grad():
+        bn.bias.add_(1)
+    check()
+    fused.train(), pair.train()  # a training step moves the running statistics
+    fused(x + 1), pair(x + 1)
+    fused.eval(), pair.eval()
+    check()
+    fused.load_state_dict(ConvBN2d.from_modules(conv, bn).state_dict())
+    check()
+
+
+def test_fold_op_folds_batch_norm_into_the_conv():
+    conv, bn = nn.Conv2d(3, 4, 3, dtype=torch.float64), _randomize(nn.BatchNorm2d(4, dtype=torch.float64)).eval()
+    w, b = torch.ops.convbn.fold_conv_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(F.conv2d(x, w, b), bn(conv(x)))

@@ -57,3 +57,11 @@ def test_opcheck_conv_bn_eval(dtype, channels_last):
     args = _tensors(dtype, channels_last) + (
         torch.randn(6, dtype=stats_dtype), torch.rand(6, dtype=stats_dtype) + 0.5) + HYPER + (1e-5,)
     opcheck(torch.ops.convbn.conv_bn_eval.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_fold_conv_bn(dtype):
+    stats_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    _, w, b, g, beta = _tensors(dtype, False)
+    args = (w, b, g, beta, torch.randn(6, dtype=stats_dtype), torch.rand(6, dtype=stats_dtype) + 0.5, 1e-5)
+    opcheck(torch.ops.convbn.fold_conv_bn.default, args)

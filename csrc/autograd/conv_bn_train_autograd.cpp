@@ -62,12 +62,19 @@ class ConvBNTrainFunction
          bn_weight.value_or(Variable()), conv_output, save_mean,
          save_invstd});
     ctx->mark_non_differentiable({save_mean, save_invstd, conv_output});
+    // Only `output` carries a gradient. Without this, autograd would fill a
+    // zero tensor of the conv output's size for conv_output on every
+    // backward in save-output mode.
+    ctx->set_materialize_grads(false);
     return {output, save_mean, save_invstd, conv_output};
   }
 
   static variable_list backward(
       AutogradContext* ctx,
       const variable_list& grad_outputs) {
+    if (!grad_outputs[0].defined()) {
+      return variable_list(11);
+    }
     const auto saved = ctx->get_saved_variables();
     // needs_input_grad counts only the tensors that were passed: an absent
     // optional (bias, bn_weight, bn_bias) has no edge.

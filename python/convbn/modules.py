@@ -163,6 +163,9 @@ class ConvBN2d(nn.Module):
         # nn.BatchNorm2d: batch statistics in training, and in eval when no
         # running statistics are tracked.
         use_batch_stats = self.training or self.running_mean is None
+        if not use_batch_stats and self._can_use_folded_cache():
+            weight, bias = self._folded()
+            return F.conv2d(input, weight, bias, self.stride, self._conv_padding, self.dilation, self.groups)
         update_stats = self.training and self.track_running_stats
         return conv_bn(
             input, self.weight, self.bias, self.bn_weight, self.bn_bias,
@@ -173,6 +176,28 @@ class ConvBN2d(nn.Module):
             stride=self.stride, padding=self._conv_padding, dilation=self.dilation,
             groups=self.groups, memory_efficient=self.memory_efficient,
         )
+
+    # Inference without autograd: the fold depends only on the parameters and
+    # running statistics, so it is computed once and reused until one of them
+    # changes: an in-place update bumps a tensor's _version, a replaced tensor
+    # is another object (the cache holds the tensors it was made from, so
+    # their identities cannot be reused meanwhile). Training, grad mode,
+    # torch.compile and TorchScript fold afresh through convbn.conv_bn_eval.
+    @torch.jit.unused
+    def _can_use_folded_cache(self) -> bool:
+        return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    @torch.jit.unused
+    def _folded(self) -> Tuple[Tensor, Tensor]:
+        tensors = (self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean, self.running_var)
+        versions = tuple(None if t is None else t._version for t in tensors) + (self.eps,)
+        cache = self.__dict__.get("_fold_cache")
+        if (cache is None or cache[1] != versions
+                or any(a is not b for a, b in zip(cache[0], tensors))):
+            folded = torch.ops.convbn.fold_conv_bn(*tensors, self.eps)
+            cache = (tensors, versions, folded)
+            self.__dict__["_fold_cache"] = cache
+        return cache[2]
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
