@@ -62,6 +62,14 @@ def test_device_mismatch_is_named():
         _train(weight=torch.randn(6, 4, 3, 3, device="meta"))
 
 
+def test_running_stats_on_another_device_are_named_and_untouched():
+    running_var, nbt = torch.ones(6), torch.tensor(2)
+    with pytest.raises(RuntimeError, match=r"`running_mean` is on meta"):
+        OPS.update_running_stats(torch.zeros(6, device="meta"), running_var, nbt, torch.randn(6),
+                                 torch.rand(6) + 0.5, 1e-5, 0.1, 50)
+    assert torch.equal(running_var, torch.ones(6)) and nbt.item() == 2
+
+
 def _stats():
     return torch.randn(6), torch.rand(6) + 0.5, torch.tensor(7)
 

@@ -78,4 +78,7 @@ def _conv_bn_train_backward_fake(
 def _update_running_stats_fake(
     running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum, count
 ):
+    _check_same_device("convbn.update_running_stats", save_mean, running_mean=running_mean,
+                       running_var=running_var, num_batches_tracked=num_batches_tracked,
+                       save_invstd=save_invstd)
     return None
