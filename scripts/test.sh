@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
 bash scripts/build.sh
+# CUDA kernels cannot run here but must compile: nvcc checks every cuda/*.cu.
+bash scripts/compile_cuda.sh
 (cd build && ctest --output-on-failure)
 # The numeric suites once more on the portable (non-AVX2) CPU kernels.
 CONVBN_CPU_CAPABILITY=default python3 -m pytest -q tests/test_parity.py tests/test_autograd.py

@@ -37,6 +37,16 @@ def assert_as_accurate_as_pair(actual, pair, expected, dtype, name=""):
     assert err <= bound, f"{name}: error {err:.4g} > {bound:.4g} (the {dtype} pair's error is {pair_err:.4g})"
 
 
+CUDA_REASON = "no CUDA device here: CUDA tests run on a GPU machine (bash scripts/gpu_check.sh)"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=requires_cuda)])
+def device(request):
+    """Runs a test on the CPU and, where there is one, on a CUDA device."""
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -8,18 +8,18 @@ from torch.autograd import gradcheck, gradgradcheck
 D = dict(dtype=torch.float64)
 
 
-def _inputs(with_bias=True, affine=True, channels_last=False):
+def _inputs(with_bias=True, affine=True, channels_last=False, device="cpu"):
     x = torch.randn(2, 4, 5, 6, **D)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     tensors = {
-        "input": x.requires_grad_(),
-        "weight": torch.randn(6, 2, 3, 3, **D, requires_grad=True),
-        "bias": torch.randn(6, **D, requires_grad=True) if with_bias else None,
-        "bn_weight": (torch.rand(6, **D) + 0.5).requires_grad_() if affine else None,
-        "bn_bias": torch.randn(6, **D, requires_grad=True) if affine else None,
+        "input": x,
+        "weight": torch.randn(6, 2, 3, 3, **D),
+        "bias": torch.randn(6, **D) if with_bias else None,
+        "bn_weight": torch.rand(6, **D) + 0.5 if affine else None,
+        "bn_bias": torch.randn(6, **D) if affine else None,
     }
-    return tensors
+    return {k: None if t is None else t.to(device).requires_grad_() for k, t in tensors.items()}
 
 
 def _train_fn(names, others, memory_efficient, stride=(1, 2)):
@@ -34,8 +34,8 @@ def _train_fn(names, others, memory_efficient, stride=(1, 2)):
 
 @pytest.mark.parametrize("memory_efficient", [True, False])
 @pytest.mark.parametrize("with_bias,affine,channels_last", [(True, True, False), (False, False, True), (True, False, False)])
-def test_train_gradcheck_and_gradgradcheck(memory_efficient, with_bias, affine, channels_last):
-    tensors = _inputs(with_bias, affine, channels_last)
+def test_train_gradcheck_and_gradgradcheck(memory_efficient, with_bias, affine, channels_last, device):
+    tensors = _inputs(with_bias, affine, channels_last, device)
     names = [n for n, t in tensors.items() if t is not None]
     fn = _train_fn(names, tensors, memory_efficient)
     inputs = tuple(tensors[n] for n in names)
@@ -74,9 +74,9 @@ def test_conv_bias_gradient_is_zero_in_training():
     assert torch.count_nonzero(t["bias"].grad) == 0
 
 
-def test_eval_gradcheck_and_gradgradcheck():
-    t = _inputs()
-    running_mean, running_var = torch.randn(6, **D), torch.rand(6, **D) + 0.5
+def test_eval_gradcheck_and_gradgradcheck(device):
+    t = _inputs(device=device)
+    running_mean, running_var = torch.randn(6, **D, device=device), torch.rand(6, **D, device=device) + 0.5
 
     def fn(x, w, b, g, beta):
         return torch.ops.convbn.conv_bn_eval(x, w, b, g, beta, running_mean, running_var,

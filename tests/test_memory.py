@@ -31,9 +31,9 @@ def nbytes(tensors):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("stride,in_ch,out_ch", [(1, 8, 8), (2, 8, 16), (1, 16, 32)])
-def test_memory_efficient_mode_saves_no_conv_output(stride, in_ch, out_ch, channels_last):
-    conv, bn = nn.Conv2d(in_ch, out_ch, 3, stride, 1), nn.BatchNorm2d(out_ch)
-    x = torch.randn(4, in_ch, 16, 16, requires_grad=True)
+def test_memory_efficient_mode_saves_no_conv_output(stride, in_ch, out_ch, channels_last, device):
+    conv, bn = nn.Conv2d(in_ch, out_ch, 3, stride, 1, device=device), nn.BatchNorm2d(out_ch, device=device)
+    x = torch.randn(4, in_ch, 16, 16, device=device, requires_grad=True)
     if channels_last:
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     pair_out, pair_saved = saved_tensors(lambda t: bn(conv(t)), x)

@@ -7,16 +7,16 @@ import torch
 from torch.library import opcheck
 
 
-def _tensors(dtype, channels_last):
-    x = torch.randn(2, 4, 6, 5, dtype=dtype)
+def _tensors(dtype, channels_last, device="cpu"):
+    x = torch.randn(2, 4, 6, 5, dtype=dtype, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return (
         x.requires_grad_(),
-        torch.randn(6, 2, 3, 3, dtype=dtype, requires_grad=True),
-        torch.randn(6, dtype=dtype, requires_grad=True),
-        (torch.rand(6, dtype=dtype) + 0.5).requires_grad_(),
-        torch.randn(6, dtype=dtype, requires_grad=True),
+        torch.randn(6, 2, 3, 3, dtype=dtype, device=device, requires_grad=True),
+        torch.randn(6, dtype=dtype, device=device, requires_grad=True),
+        (torch.rand(6, dtype=dtype, device=device) + 0.5).requires_grad_(),
+        torch.randn(6, dtype=dtype, device=device, requires_grad=True),
     )
 
 
@@ -26,15 +26,15 @@ HYPER = ([1, 2], [1, 1], [1, 1], 2)
 
 @pytest.mark.parametrize("dtype,channels_last", CONFIGS)
 @pytest.mark.parametrize("memory_efficient", [True, False])
-def test_opcheck_conv_bn_train(dtype, channels_last, memory_efficient):
-    args = _tensors(dtype, channels_last) + HYPER + (1e-5, memory_efficient)
+def test_opcheck_conv_bn_train(dtype, channels_last, memory_efficient, device):
+    args = _tensors(dtype, channels_last, device) + HYPER + (1e-5, memory_efficient)
     opcheck(torch.ops.convbn.conv_bn_train.default, args)
 
 
 @pytest.mark.parametrize("dtype,channels_last", CONFIGS)
 @pytest.mark.parametrize("mask", [[True] * 5, [True, False, False, True, False], [False, True, True, False, True]])
-def test_opcheck_conv_bn_train_backward(dtype, channels_last, mask):
-    x, w, b, g, beta = _tensors(dtype, channels_last)
+def test_opcheck_conv_bn_train_backward(dtype, channels_last, mask, device):
+    x, w, b, g, beta = _tensors(dtype, channels_last, device)
     out, mean, invstd, conv_out = torch.ops.convbn.conv_bn_train(x, w, b, g, beta, *HYPER, 1e-5, False)
     grad = torch.randn_like(out).requires_grad_()
     for conv_output in (None, conv_out.detach()):
@@ -43,19 +43,21 @@ def test_opcheck_conv_bn_train_backward(dtype, channels_last, mask):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_opcheck_update_running_stats(momentum):
-    x, w, b, g, beta = _tensors(torch.float32, False)
+def test_opcheck_update_running_stats(momentum, device):
+    x, w, b, g, beta = _tensors(torch.float32, False, device)
     out, mean, invstd, _ = torch.ops.convbn.conv_bn_train(x, w, b, g, beta, *HYPER, 1e-5, True)
-    args = (torch.zeros(6), torch.ones(6), torch.tensor(3), mean.detach(), invstd.detach(), 1e-5, momentum,
+    args = (torch.zeros(6, device=device), torch.ones(6, device=device), torch.tensor(3, device=device),
+            mean.detach(), invstd.detach(), 1e-5, momentum,
             out.shape[0] * out.shape[2] * out.shape[3])
     opcheck(torch.ops.convbn.update_running_stats.default, args)
 
 
 @pytest.mark.parametrize("dtype,channels_last", CONFIGS)
-def test_opcheck_conv_bn_eval(dtype, channels_last):
+def test_opcheck_conv_bn_eval(dtype, channels_last, device):
     stats_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
-    args = _tensors(dtype, channels_last) + (
-        torch.randn(6, dtype=stats_dtype), torch.rand(6, dtype=stats_dtype) + 0.5) + HYPER + (1e-5,)
+    args = _tensors(dtype, channels_last, device) + (
+        torch.randn(6, dtype=stats_dtype, device=device),
+        torch.rand(6, dtype=stats_dtype, device=device) + 0.5) + HYPER + (1e-5,)
     opcheck(torch.ops.convbn.conv_bn_eval.default, args)
 
 

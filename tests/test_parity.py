@@ -104,7 +104,7 @@ def test_grid_covers_every_pair():
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_conv_then_batchnorm(case):
+def test_matches_conv_then_batchnorm(case, device):
     dtype = case["dtype"]
     in_ch, out_ch, groups = _channels(case["groups"])
     conv = nn.Conv2d(in_ch, out_ch, case["kernel"], case["stride"], case["padding"],
@@ -120,16 +120,17 @@ def test_matches_conv_then_batchnorm(case):
         if case["track"]:
             bn.running_mean.copy_(_round(torch.randn(out_ch) * 0.1, dtype))
             bn.running_var.copy_(_round(torch.rand(out_ch) + 0.5, dtype))
-    fused = ConvBN2d.from_modules(conv, bn, memory_efficient=case["memory_efficient"]).to(dtype)
-    # float32/bfloat16 are held to the accuracy of the pair in that dtype.
+    fused = ConvBN2d.from_modules(conv, bn, memory_efficient=case["memory_efficient"]).to(device, dtype)
+    # float32/bfloat16 are held to the accuracy of the pair in that dtype (on the same device).
     low_precision = dtype != torch.float64
-    conv_lp, bn_lp = (copy.deepcopy(conv).to(dtype), copy.deepcopy(bn).to(dtype)) if low_precision else (None, None)
+    conv_lp, bn_lp = (
+        (copy.deepcopy(conv).to(device, dtype), copy.deepcopy(bn).to(device, dtype)) if low_precision else (None, None))
 
     def check(actual, expected, lp, name):
         if low_precision:
-            assert_as_accurate_as_pair(actual, lp, expected, dtype, name)
+            assert_as_accurate_as_pair(actual.cpu(), lp.cpu(), expected, dtype, name)
         else:
-            assert_close_to_reference(actual, expected, dtype, name)
+            assert_close_to_reference(actual.cpu(), expected, dtype, name)
     memory_format = torch.channels_last if case["layout"] == "channels_last" else torch.contiguous_format
 
     def params(conv_, bn_, fused_):
@@ -143,19 +144,19 @@ def test_matches_conv_then_batchnorm(case):
     for step in range(3):
         x = _round(torch.randn(3, in_ch, 10, 10) * 2 + step, dtype)
         x_ref = x.clone().requires_grad_()
-        x_fused = x.to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+        x_fused = x.to(device, dtype).contiguous(memory_format=memory_format).requires_grad_()
         out_ref = bn(conv(x_ref))
         out = fused(x_fused)
         assert out.dtype == dtype
         assert out.is_contiguous(memory_format=memory_format)
         grad = _round(torch.randn_like(out_ref), dtype)
         out_ref.backward(grad)
-        out.backward(grad.to(dtype).contiguous(memory_format=memory_format))
+        out.backward(grad.to(device, dtype).contiguous(memory_format=memory_format))
         out_lp = x_lp = None
         if low_precision:
-            x_lp = x.to(dtype).requires_grad_()
+            x_lp = x.to(device, dtype).requires_grad_()
             out_lp = bn_lp(conv_lp(x_lp))
-            out_lp.backward(grad.to(dtype))
+            out_lp.backward(grad.to(device, dtype))
 
         check(out, out_ref, out_lp, f"output, step {step}")
         check(x_fused.grad, x_ref.grad, x_lp.grad if low_precision else None, f"grad input, step {step}")
@@ -170,6 +171,7 @@ def test_matches_conv_then_batchnorm(case):
             check(fused.running_mean, bn.running_mean, bn_lp.running_mean if low_precision else None, "running_mean")
             check(fused.running_var, bn.running_var, bn_lp.running_var if low_precision else None, "running_var")
             assert fused.num_batches_tracked.item() == bn.num_batches_tracked.item() == step + 1
+            assert fused.running_mean.device.type == fused.num_batches_tracked.device.type == device
         else:
             assert fused.running_mean is None and fused.num_batches_tracked is None
 
@@ -178,15 +180,15 @@ def test_matches_conv_then_batchnorm(case):
             module.eval()
     x = _round(torch.randn(2, in_ch, 10, 10), dtype)
     with torch.no_grad():
-        out = fused(x.to(dtype).contiguous(memory_format=memory_format))
-        out_lp = bn_lp(conv_lp(x.to(dtype))) if low_precision else None
+        out = fused(x.to(device, dtype).contiguous(memory_format=memory_format))
+        out_lp = bn_lp(conv_lp(x.to(device, dtype))) if low_precision else None
         check(out, bn(conv(x)), out_lp, "eval output")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("channels,size", [(6, 40), (80, 20), (2048, 3)])
-def test_statistics_over_many_blocks_with_a_large_mean(dtype, layout, channels, size):
+def test_statistics_over_many_blocks_with_a_large_mean(dtype, layout, channels, size, device):
     """Many planes / row blocks (channels_last blocks hold ~32K values, so
     6 channels x 3*40*40 rows spans several), and a mean of 1000 over a spread
     of ~1, where E[x^2] - E[x]^2 would lose every digit of a float32
@@ -196,12 +198,12 @@ def test_statistics_over_many_blocks_with_a_large_mean(dtype, layout, channels, 
     with torch.no_grad():
         conv.weight.copy_(_round(torch.rand_like(conv.weight) + 0.5, dtype))
         conv.bias.fill_(1000.0)
-    fused = ConvBN2d.from_modules(conv, bn).to(dtype)
+    fused = ConvBN2d.from_modules(conv, bn).to(device, dtype)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = _round(torch.randn(3, channels, size, size), dtype)
     out_ref = bn(conv(x))
-    out = fused(x.to(dtype).contiguous(memory_format=memory_format))
+    out = fused(x.to(device, dtype).contiguous(memory_format=memory_format)).cpu()
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(out.double(), out_ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(fused.running_mean.double(), bn.running_mean, rtol=tol, atol=0)
-    torch.testing.assert_close(fused.running_var.double(), bn.running_var, rtol=tol, atol=tol)
+    torch.testing.assert_close(fused.running_mean.cpu().double(), bn.running_mean, rtol=tol, atol=0)
+    torch.testing.assert_close(fused.running_var.cpu().double(), bn.running_var, rtol=tol, atol=tol)

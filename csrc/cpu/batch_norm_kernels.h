@@ -22,7 +22,7 @@
 #error "define CONVBN_CPU_ISA before including batch_norm_kernels.h"
 #endif
 
-#include "kernel_table.h"
+#include "../kernel_table.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

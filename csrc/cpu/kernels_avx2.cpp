@@ -40,7 +40,7 @@ const KernelTable* avx2_kernels() {
 
 #else
 
-#include "kernel_table.h"
+#include "../kernel_table.h"
 
 namespace convbn {
 namespace cpu {

@@ -1,12 +1,11 @@
-// The CPU batch-norm kernels, compiled once per instruction set
-// (batch_norm_kernels.h included by kernels_default.cpp and
-// kernels_avx2.cpp), and the choice between them at run time.
+// The three batch-norm kernels a device provides to the training driver
+// (conv_bn_train_driver.h): CPU (cpu/, compiled once per instruction set
+// and chosen at run time) and CUDA (cuda/).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 namespace convbn {
-namespace cpu {
 
 // The optional centred term of channel_affine: b[c] * (v - m[c]).
 struct CenteredTerm {
@@ -33,6 +32,8 @@ struct KernelTable {
       const at::Tensor& c0,
       const CenteredTerm* centered);
 };
+
+namespace cpu {
 
 const KernelTable& default_kernels();
 // nullptr where this build or this processor has no AVX2 + FMA.

@@ -1,0 +1,232 @@
+"""GPU benchmark of convbn against nn.Conv2d + nn.BatchNorm2d (cuDNN).
+
+Every distinct conv+BN shape of ResNet-50 (224x224 input), at batch 128 or
+the largest that fits for every contender, per dtype and memory format:
+train step (forward + backward, CUDA events, median) and activation memory
+(torch.cuda.max_memory_allocated over the step minus what inputs, weights
+and the incoming gradient hold) for the eager pair, convbn in both modes,
+the tutorial-style Python recompute Function and (with --compile)
+torch.compile of the pair; eval time against the bare conv. Ratios are
+against the eager pair (train, memory) or the bare conv (eval) of the same
+run. `--device cpu` runs the same code on the CPU (a smoke test; use
+bench_cpu.py for CPU figures).
+
+    python3 benchmarks/bench_gpu.py --markdown gpu_results.md [--compile]
+"""
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import convbn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cpu import TutorialModule, geomean  # noqa: E402
+
+# (name, in_channels, out_channels, kernel, stride, input height/width)
+RESNET50_SHAPES = [
+    ("stem 7x7/2", 3, 64, 7, 2, 224),
+    ("l1 1x1 64-64", 64, 64, 1, 1, 56),
+    ("l1 3x3 64-64", 64, 64, 3, 1, 56),
+    ("l1 1x1 64-256", 64, 256, 1, 1, 56),
+    ("l1 1x1 256-64", 256, 64, 1, 1, 56),
+    ("l2 1x1 256-128", 256, 128, 1, 1, 56),
+    ("l2 3x3/2 128-128", 128, 128, 3, 2, 56),
+    ("l2 1x1 128-512", 128, 512, 1, 1, 28),
+    ("l2 ds 1x1/2 256-512", 256, 512, 1, 2, 56),
+    ("l2 1x1 512-128", 512, 128, 1, 1, 28),
+    ("l2 3x3 128-128", 128, 128, 3, 1, 28),
+    ("l3 1x1 512-256", 512, 256, 1, 1, 28),
+    ("l3 3x3/2 256-256", 256, 256, 3, 2, 28),
+    ("l3 1x1 256-1024", 256, 1024, 1, 1, 14),
+    ("l3 ds 1x1/2 512-1024", 512, 1024, 1, 2, 28),
+    ("l3 1x1 1024-256", 1024, 256, 1, 1, 14),
+    ("l3 3x3 256-256", 256, 256, 3, 1, 14),
+    ("l4 1x1 1024-512", 1024, 512, 1, 1, 14),
+    ("l4 3x3/2 512-512", 512, 512, 3, 2, 14),
+    ("l4 1x1 512-2048", 512, 2048, 1, 1, 7),
+    ("l4 ds 1x1/2 1024-2048", 1024, 2048, 1, 2, 14),
+    ("l4 1x1 2048-512", 2048, 512, 1, 1, 7),
+    ("l4 3x3 512-512", 512, 512, 3, 1, 7),
+]
+
+
+class Timer:
+    """Milliseconds of fn(): CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+
+
+def interleaved_medians(timer, fns, repeats, warmup=3):
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timer(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def step_peak_bytes(device, step):
+    """Peak memory of one step above what was allocated before it."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def make_contenders(conv, bn, use_compile):
+    contenders = {
+        "eager pair": nn.Sequential(conv, bn),
+        "convbn memory-efficient": convbn.ConvBN2d.from_modules(conv, bn, memory_efficient=True),
+        "convbn save-output": convbn.ConvBN2d.from_modules(conv, bn, memory_efficient=False),
+        "tutorial Function": TutorialModule(conv),
+    }
+    if use_compile:
+        contenders["torch.compile pair"] = torch.compile(nn.Sequential(conv, bn))
+    return contenders
+
+
+def bench_shape(shape, batch, dtype, memory_format, device, repeats, use_compile):
+    name, cin, cout, k, s, hw = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, s, k // 2, bias=False, device=device, dtype=dtype)
+    bn = nn.BatchNorm2d(cout, device=device, dtype=dtype)
+    conv = conv.to(memory_format=memory_format)
+    contenders = make_contenders(conv, bn, use_compile)
+    x = torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    grad = torch.randn_like(contenders["eager pair"](x)).contiguous(memory_format=memory_format)
+    timer = Timer(device)
+    row = {"shape": name, "batch": batch}
+
+    def train_step(module):
+        def step():
+            for p in module.parameters():
+                p.grad = None
+            x.grad = None
+            module(x).backward(grad)
+        return step
+
+    steps = {label: train_step(m) for label, m in contenders.items()}
+    for label, step in steps.items():
+        step()  # grads exist before measuring, as in training
+        row[f"mem {label}"] = step_peak_bytes(device, step)
+    times = interleaved_medians(timer, steps, repeats)
+    for label in contenders:
+        row[f"train {label}"] = times[label]
+
+    bare = nn.Conv2d(cin, cout, k, s, k // 2, bias=True, device=device, dtype=dtype).to(memory_format=memory_format)
+    evals = {"bare conv": bare, "eager pair": contenders["eager pair"], "convbn": contenders["convbn memory-efficient"]}
+    for m in evals.values():
+        m.eval()
+    xe = x.detach()
+    with torch.no_grad():
+        times = interleaved_medians(timer, {label: (lambda m=m: m(xe)) for label, m in evals.items()}, repeats)
+    for label in evals:
+        row[f"eval {label}"] = times[label]
+    return row
+
+
+def largest_batch(shape, dtype, memory_format, device, start, use_compile):
+    """The largest batch <= start (halving) that every contender can run."""
+    batch = start
+    while batch >= 1:
+        try:
+            bench_shape(shape, batch, dtype, memory_format, device, repeats=1, use_compile=use_compile)
+            return batch
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            batch //= 2
+    raise RuntimeError(f"{shape[0]} does not fit even at batch 1")
+
+
+def table(rows, contenders):
+    head = ("| shape | batch | " + " | ".join(f"train {c}" for c in contenders)
+            + " | " + " | ".join(f"memory {c}" for c in contenders) + " | eval pair | eval convbn |")
+    lines = [head, "|" + "---|" * (2 + 2 * len(contenders) + 2)]
+    for r in rows:
+        t0, m0, bare = r["train eager pair"], r["mem eager pair"], r["eval bare conv"]
+        cells = [r["shape"], str(r["batch"])]
+        cells += [f"{r[f'train {c}']:.3f} ms ({r[f'train {c}'] / t0:.2f}x)" for c in contenders]
+        cells += [f"{r[f'mem {c}'] / 2**20:.1f} MiB ({r[f'mem {c}'] / m0:.2f}x)" for c in contenders]
+        cells += [f"{r['eval eager pair'] / bare:.2f}x bare", f"{r['eval convbn'] / bare:.2f}x bare"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(rows, contenders):
+    g = lambda key, base: geomean(r[key] / r[base] for r in rows)
+    out = [f"- train {c}: {g(f'train {c}', 'train eager pair'):.2f}x eager; activation memory "
+           f"{g(f'mem {c}', 'mem eager pair'):.2f}x eager" for c in contenders[1:]]
+    out.append(f"- eval convbn: {g('eval convbn', 'eval bare conv'):.2f}x bare conv "
+               f"(eager pair {g('eval eager pair', 'eval bare conv'):.2f}x)")
+    return "\n".join(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--layouts", default="channels_last,nchw")
+    parser.add_argument("--shapes", type=int, default=len(RESNET50_SHAPES), help="first N shapes only")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile of the pair (slow to compile)")
+    parser.add_argument("--markdown", help="append the tables here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    shapes = RESNET50_SHAPES[: args.shapes]
+    contenders = list(make_contenders(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1), args.compile))
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        where = f"{props.name}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+    else:
+        where = "CPU (smoke test)"
+    text = [f"Device: {where}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
+            f"medians of {args.repeats} repeats."]
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for layout in args.layouts.split(","):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            rows = []
+            for shape in shapes:
+                batch = largest_batch(shape, dtype, fmt, device, args.batch, args.compile)
+                rows.append(bench_shape(shape, batch, dtype, fmt, device, args.repeats, args.compile))
+                print(f"done: {dtype_name} {layout} {shape[0]} (batch {batch})", flush=True)
+            text += ["", f"### {dtype_name}, {layout}", "", table(rows, contenders), "",
+                     "Geometric means over the shapes:", summary(rows, contenders)]
+    report = "\n".join(text) + "\n"
+    print(report)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""CUDA-only checks of the CUDA issue: half types against the pair run in
+float32, a tensor past 2^31 elements, NaN/Inf, non-contiguous input, a
+non-default stream, inputs on two devices, autocast. (The parity grid,
+gradcheck, opcheck and memory tests run on CUDA through the `device`
+fixture.) All skip without a CUDA device."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import requires_cuda
+from convbn import ConvBN2d
+
+pytestmark = requires_cuda
+
+
+def _pair(cin=8, cout=16, k=3, **conv_kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2, **conv_kwargs).cuda()
+    bn = nn.BatchNorm2d(cout).cuda()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_()
+    return conv, bn
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_half_types_match_the_pair_in_float32(dtype, channels_last, memory_efficient):
+    conv, bn = _pair()
+    fused = ConvBN2d.from_modules(conv, bn, memory_efficient).to(dtype)
+    x = torch.randn(8, 8, 20, 20, device="cuda")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xh = x.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    ref_conv, ref_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    with torch.no_grad():
+        ref_conv.weight.copy_(conv.weight.to(dtype).float())
+        ref_conv.bias.copy_(conv.bias.to(dtype).float())
+    xr = x.to(dtype).float().requires_grad_()
+    out, ref = fused(xh), ref_bn(ref_conv(xr))
+    assert out.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(ref)
+    out.backward(g.to(dtype)), ref.backward(g)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(xh.grad.float(), xr.grad, rtol=tol, atol=tol * 4)
+    # Statistics stay float32 inside and are only rounded when stored.
+    torch.testing.assert_close(fused.running_var.float(), ref_bn.running_var, rtol=tol, atol=tol)
+
+
+def test_more_than_2_pow_31_elements():
+    # 2^31 + a few elements of float16 (4 GiB), through the 64-bit-index paths.
+    n, c, h, w = 2, 16, 8192, 8193
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with 40 GiB")
+    conv = nn.Conv2d(c, c, 1, groups=c, bias=False).cuda().half()
+    bn = nn.BatchNorm2d(c).cuda().half()
+    fused = ConvBN2d.from_modules(conv, bn)
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.float16)
+    assert x.numel() > 2**31
+    with torch.no_grad():
+        out = fused(x)
+        ref = bn(conv(x))
+    torch.testing.assert_close(out[:, :, -4:, -4:].float(), ref[:, :, -4:, -4:].float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused.running_mean.float(), bn.running_mean.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_behave_like_the_pair(bad):
+    conv, bn = _pair()
+    fused = ConvBN2d.from_modules(conv, bn)
+    x = torch.randn(4, 8, 10, 10, device="cuda")
+    x[0, 0, 0, 0] = bad
+    out, ref = fused(x), bn(conv(x))
+    # Wherever the pair produces a non-finite value, so do we, and the rest matches.
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite])
+    assert torch.equal(torch.isfinite(fused.running_var), torch.isfinite(bn.running_var))
+
+
+def test_non_contiguous_input_and_non_default_stream():
+    conv, bn = _pair()
+    fused = ConvBN2d.from_modules(conv, bn)
+    x = torch.randn(4, 8, 24, 24, device="cuda")[:, :, ::2, 1::2]
+    assert not x.is_contiguous()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = fused(x)
+        ref = bn(conv(x))
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(out, ref)
+
+
+def test_inputs_on_two_devices_are_named():
+    conv, bn = _pair()
+    fused = ConvBN2d.from_modules(conv, bn)
+    with pytest.raises(RuntimeError, match=r"`input` is on cpu|is on cuda:0 but `input` is on cpu"):
+        fused(torch.randn(2, 8, 6, 6))
+
+
+def test_cuda_autocast_keeps_statistics_in_float32():
+    conv, bn = _pair()
+    fused = ConvBN2d.from_modules(conv, bn)
+    x = torch.randn(4, 8, 10, 10, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fused(x)
+        ref = bn(conv(x))
+    assert out.dtype == torch.bfloat16 and fused.running_var.dtype == torch.float32
+    out.float().sum().backward()
+    assert fused.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
