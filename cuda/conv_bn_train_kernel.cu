@@ -158,8 +158,9 @@ __global__ void reduce_nchw_kernel(
     const int64_t hw = i - n * spatial;
     op.push(s, (n * channels + c) * spatial + hw, c);
   }
-  __shared__ char shared_bytes[sizeof(State) * (kNchwThreads / kWarp)];
-  State* shared = reinterpret_cast<State*>(shared_bytes);
+  // State is a trivial aggregate, so a typed __shared__ array is allowed
+  // and correctly aligned (a reinterpreted char buffer would not be).
+  __shared__ State shared[kNchwThreads / kWarp];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   s = warp_reduce(op, s);
@@ -200,8 +201,7 @@ __global__ void reduce_channels_last_kernel(
       op.push(s, r * channels + c, c);
     }
   }
-  __shared__ char shared_bytes[sizeof(State) * kWarp * kRowThreads];
-  State* shared = reinterpret_cast<State*>(shared_bytes);
+  __shared__ State shared[kWarp * kRowThreads];
   shared[threadIdx.y * kWarp + threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && c < channels) {
