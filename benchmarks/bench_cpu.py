@@ -71,18 +71,23 @@ class TutorialModule(nn.Module):
         return TutorialConvBN.apply(x, self.conv.weight, self.conv.stride, self.conv.padding)
 
 
-def interleaved_medians(fns, repeats, warmup=2):
-    """Median time of each function, running them round-robin within each
-    repeat so that drift of a shared machine affects all of them alike."""
+def wall_seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(fns, repeats, warmup=2, timer=wall_seconds):
+    """Median time of each function (as timer(fn) measures it), running them
+    round-robin within each repeat so that drift of a shared machine affects
+    all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timer(fn))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

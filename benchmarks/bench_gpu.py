@@ -17,7 +17,6 @@ bench_cpu.py for CPU figures).
 import argparse
 import datetime
 import os
-import statistics
 import sys
 import time
 
@@ -27,7 +26,7 @@ from torch import nn
 import convbn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cpu import TutorialModule, geomean  # noqa: E402
+from bench_cpu import TutorialModule, geomean, interleaved_medians  # noqa: E402
 
 # (name, in_channels, out_channels, kernel, stride, input height/width)
 RESNET50_SHAPES = [
@@ -74,17 +73,6 @@ class Timer:
         begin = time.perf_counter()
         fn()
         return (time.perf_counter() - begin) * 1e3
-
-
-def interleaved_medians(timer, fns, repeats, warmup=3):
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timer(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def step_peak_bytes(device, step):
@@ -136,7 +124,7 @@ def bench_shape(shape, batch, dtype, memory_format, device, repeats, use_compile
     for label, step in steps.items():
         step()  # grads exist before measuring, as in training
         row[f"mem {label}"] = step_peak_bytes(device, step)
-    times = interleaved_medians(timer, steps, repeats)
+    times = interleaved_medians(steps, repeats, warmup=3, timer=timer)
     for label in contenders:
         row[f"train {label}"] = times[label]
 
@@ -146,7 +134,8 @@ def bench_shape(shape, batch, dtype, memory_format, device, repeats, use_compile
         m.eval()
     xe = x.detach()
     with torch.no_grad():
-        times = interleaved_medians(timer, {label: (lambda m=m: m(xe)) for label, m in evals.items()}, repeats)
+        times = interleaved_medians({label: (lambda m=m: m(xe)) for label, m in evals.items()}, repeats,
+                                    warmup=3, timer=timer)
     for label in evals:
         row[f"eval {label}"] = times[label]
     return row

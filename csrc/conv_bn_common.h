@@ -32,6 +32,14 @@ inline bool present(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
+// The dtype of grad_bn_weight/grad_bn_bias: bn_weight's (bn_bias has the
+// same), or the data's when batch norm has no affine parameters.
+inline at::ScalarType bn_param_dtype(
+    const std::optional<at::Tensor>& bn_weight,
+    const at::Tensor& input) {
+  return present(bn_weight) ? bn_weight->scalar_type() : input.scalar_type();
+}
+
 // save_mean is the mean of conv output + bias; the kernels see the conv
 // output without bias.
 inline at::Tensor mean_without_conv_bias(

@@ -109,8 +109,7 @@ conv_bn_train_backward_impl(
   kernels.batch_grad_sums(dy, y, mean, sum_dy, sum_dy_xmu);
 
   at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
-  const auto param_dtype =
-      present(bn_weight) ? bn_weight->scalar_type() : input.scalar_type();
+  const auto param_dtype = bn_param_dtype(bn_weight, input);
   if (output_mask[3] && present(bn_weight)) {
     grad_bn_weight = (sum_dy_xmu * invstd).to(param_dtype);
   }

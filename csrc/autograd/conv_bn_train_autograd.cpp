@@ -147,18 +147,16 @@ differentiable_backward(
   const at::Tensor xhat = centered * invstd;
 
   at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
-  const auto param_dtype =
-      bn_weight.has_value() && bn_weight->defined() ? bn_weight->scalar_type()
-                                                     : input.scalar_type();
-  if (output_mask[3] && bn_weight.has_value() && bn_weight->defined()) {
+  const auto param_dtype = bn_param_dtype(bn_weight, input);
+  if (output_mask[3] && present(bn_weight)) {
     grad_bn_weight = (grad_output * xhat).sum(dims).to(param_dtype);
   }
   if (output_mask[4]) {
     grad_bn_bias = grad_output.sum(dims).to(param_dtype);
   }
-  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_bias = present(bias);
   if (output_mask[0] || output_mask[1] || (output_mask[2] && has_bias)) {
-    const at::Tensor grad_xhat = bn_weight.has_value() && bn_weight->defined()
+    const at::Tensor grad_xhat = present(bn_weight)
         ? grad_output * bn_weight->view({1, -1, 1, 1})
         : grad_output;
     const at::Tensor grad_y = invstd *
@@ -180,7 +178,7 @@ differentiable_backward(
 }
 
 bool requires_grad(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() && t->requires_grad();
+  return present(t) && t->requires_grad();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
