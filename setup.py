@@ -37,8 +37,12 @@ def extensions():
     rel = lambda pattern: sorted(
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)
     )
-    # The AVX2 kernels go last: see csrc/cpu/kernels_avx2.cpp.
-    sources = sorted(rel("csrc/**/*.cpp"), key=lambda p: p.endswith("_avx2.cpp"))
+    # The AVX2 kernels go last: see csrc/cpu/kernels_avx2.cpp. csrc/nn/ is the
+    # LibTorch module (convbn::ConvBN2d), built by CMake only: Python has its own.
+    sources = sorted(
+        (p for p in rel("csrc/**/*.cpp") if not p.startswith("csrc/nn/")),
+        key=lambda p: p.endswith("_avx2.cpp"),
+    )
     cuda_sources = rel("cuda/*.cu")
     cxx_flags = ["-O3", "-DPy_LIMITED_API=0x03090000"]
     if want_cuda(cuda_sources):

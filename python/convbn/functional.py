@@ -91,6 +91,33 @@ def conv_bn(
         padding_ = _pair(padding, "padding")
     check_momentum(momentum)
 
+    return _conv_bn_prepared(
+        input, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+        training, momentum, eps, stride_, padding_, dilation_, groups, memory_efficient,
+    )
+
+
+def _conv_bn_prepared(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    memory_efficient: bool,
+) -> Tensor:
+    """conv_bn with stride, padding and dilation already as [h, w] lists and
+    any 'same' padding already applied: what ConvBN2d.forward calls. It is
+    TorchScript-compatible, so scripted models call the operators directly."""
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(
@@ -99,7 +126,7 @@ def conv_bn(
             )
         return torch.ops.convbn.conv_bn_eval(
             input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-            stride_, padding_, dilation_, groups, eps,
+            stride, padding, dilation, groups, eps,
         )
 
     if (running_mean is None) != (running_var is None):
@@ -108,12 +135,12 @@ def conv_bn(
         raise ValueError("convbn: momentum=None (cumulative average) needs num_batches_tracked")
 
     output, save_mean, save_invstd, _ = torch.ops.convbn.conv_bn_train(
-        input, weight, bias, bn_weight, bn_bias, stride_, padding_, dilation_, groups, eps,
+        input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
         memory_efficient,
     )
     if running_mean is not None and running_var is not None:
         if num_batches_tracked is None:
-            num_batches_tracked = torch.zeros((), dtype=torch.long, device=running_mean.device)
+            num_batches_tracked = torch.zeros([], dtype=torch.long, device=running_mean.device)
         count = output.shape[0] * output.shape[2] * output.shape[3]
         torch.ops.convbn.update_running_stats(
             running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum, count,

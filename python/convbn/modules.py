@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import _pair, check_momentum, conv_bn, same_padding
+from .functional import _conv_bn_prepared, _pair, check_momentum, same_padding
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -27,6 +27,9 @@ class ConvBN2d(nn.Module):
     per-channel statistics for backward and recomputes the convolution there;
     False keeps the conv output, trading memory for one convolution less.
     Eval mode folds the statistics into the convolution.
+
+    Models holding it script with torch.jit.script, compile with
+    torch.compile(fullgraph=True) and export with torch.export.
     """
 
     __constants__ = [
@@ -91,6 +94,10 @@ class ConvBN2d(nn.Module):
         # How the input is padded before the conv: (F.pad amounts, mode) and
         # the symmetric padding the conv itself applies, as nn.Conv2d does.
         self._conv_padding, self._input_pad = self._plan_padding()
+        self._needs_input_pad = any(p != 0 for p in self._input_pad)
+        # The conv's arguments as lists, the type the operators take.
+        self._stride = list(self.stride)
+        self._dilation = list(self.dilation)
 
         self.weight = nn.Parameter(
             torch.empty((out_channels, in_channels // groups, *self.kernel_size), **factory)
@@ -152,29 +159,32 @@ class ConvBN2d(nn.Module):
             nn.init.zeros_(self.bn_bias)
 
     def forward(self, input: Tensor) -> Tensor:
+        # TorchScript compiles this method: it sticks to typed attributes
+        # (lists, Optional tensors, constants) and calls the operators through
+        # functional._conv_bn_prepared.
         if input.dim() != 4:
+            hint = " (add the batch dimension with input.unsqueeze(0))" if input.dim() == 3 else ""
             raise ValueError(
                 f"convbn: expected a 4-D input (N, C, H, W), got a {input.dim()}-D input of shape "
-                f"{tuple(input.shape)}" + (" (add the batch dimension with input.unsqueeze(0))" if input.dim() == 3 else "")
+                f"{list(input.shape)}{hint}"
             )
-        if any(self._input_pad):
+        if self._needs_input_pad:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             input = F.pad(input, self._input_pad, mode=mode)
         # nn.BatchNorm2d: batch statistics in training, and in eval when no
         # running statistics are tracked.
         use_batch_stats = self.training or self.running_mean is None
-        if not use_batch_stats and self._can_use_folded_cache():
+        if not use_batch_stats and not torch.jit.is_scripting() and self._can_use_folded_cache():
             weight, bias = self._folded()
-            return F.conv2d(input, weight, bias, self.stride, self._conv_padding, self.dilation, self.groups)
+            return F.conv2d(input, weight, bias, self._stride, self._conv_padding, self._dilation, self.groups)
         update_stats = self.training and self.track_running_stats
-        return conv_bn(
+        return _conv_bn_prepared(
             input, self.weight, self.bias, self.bn_weight, self.bn_bias,
             self.running_mean if (update_stats or not use_batch_stats) else None,
             self.running_var if (update_stats or not use_batch_stats) else None,
             self.num_batches_tracked if update_stats else None,
-            training=use_batch_stats, momentum=self.momentum, eps=self.eps,
-            stride=self.stride, padding=self._conv_padding, dilation=self.dilation,
-            groups=self.groups, memory_efficient=self.memory_efficient,
+            use_batch_stats, self.momentum, self.eps,
+            self._stride, self._conv_padding, self._dilation, self.groups, self.memory_efficient,
         )
 
     # Inference without autograd: the fold depends only on the parameters and

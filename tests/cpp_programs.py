@@ -1,0 +1,46 @@
+"""Runs the C++ deployment programs (examples/cpp, built by CMake) and
+reads back what they computed."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpp_program(name):
+    """Path of a program built by scripts/build.sh. Missing, it fails the
+    test where scripts/test.sh said it was built (CONVBN_BUILD_DIR), and skips
+    it otherwise."""
+    build_dir = os.environ.get("CONVBN_BUILD_DIR")
+    path = Path(build_dir or ROOT / "build") / "examples" / "cpp" / name
+    if not path.exists():
+        if build_dir:
+            pytest.fail(f"{path} is missing although CONVBN_BUILD_DIR={build_dir}: the CMake build did not make it")
+        pytest.skip(f"{path} is not built: run `bash scripts/build.sh` (scripts/test.sh does)")
+    return path
+
+
+def run_cpp_program(name, model, shape, out, *options):
+    """Checks that the program links libconvbn.so and no libpython, runs
+    `name MODEL N C H W --save out [options]` and returns (input, output) as
+    the program saved them."""
+    program = cpp_program(name)
+    linked = linked_libraries(program)
+    assert "libconvbn.so" in linked, linked
+    assert not any(lib.startswith(("libpython", "libtorch_python")) for lib in linked), linked
+    command = [str(program), str(model), *map(str, shape), "--save", str(out), *options]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    input, output = torch.load(out)
+    assert list(input.shape) == list(shape)
+    return input, output
+
+
+def linked_libraries(path):
+    """The shared libraries ldd reports for path."""
+    listing = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.strip()]

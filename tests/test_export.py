@@ -1,0 +1,76 @@
+"""torch.export of an eval-mode model holding ConvBN2d (batch size dynamic):
+the exported program, its saved-and-loaded copy and its ATen-decomposed form
+run and match eager; AOTInductor packages it, and the package runs from
+Python and from the C++ program examples/cpp/aoti_infer.cpp. Where
+AOTInductor does not work with this torch, those tests skip and say why."""
+
+import pytest
+import torch
+
+from conftest import assert_close_to_reference
+from cpp_programs import run_cpp_program
+from deploy_helpers import assert_matches_eval_net, assert_within, batch, convbn_net, pair_twin, train_step
+
+EXACT_TO = 1e-12  # float64 rounding, for code Inductor generated itself
+
+
+def _eval_net(dtype=torch.float64):
+    net = convbn_net(dtype=dtype)
+    for n in (4, 5):  # running statistics away from their initial 0 and 1
+        train_step(net, *batch(n, dtype=dtype))
+    return net.eval()
+
+
+def _export(net, dtype):
+    example, _ = batch(2, dtype=dtype)
+    n = torch.export.Dim("batch", min=1, max=4096)
+    return torch.export.export(net, (example,), dynamic_shapes={"input": {0: n}})
+
+
+@pytest.fixture(scope="module")
+def aoti_package(tmp_path_factory):
+    """A float32 eval model, exported and compiled by AOTInductor: (net, package path)."""
+    net = _eval_net(torch.float32)
+    path = tmp_path_factory.mktemp("aoti") / "net.pt2"
+    try:
+        torch._inductor.aoti_compile_and_package(_export(net, torch.float32), package_path=str(path))
+    except Exception as error:  # no C++ compiler, or this torch cannot do it
+        pytest.skip(f"AOTInductor cannot compile here (torch {torch.__version__}): {type(error).__name__}: {error}")
+    return net, path
+
+
+def test_exported_eval_model_matches_eager(tmp_path):
+    net = _eval_net()
+    exported = _export(net, torch.float64)
+    path = tmp_path / "net.pt2"
+    torch.export.save(exported, str(path))
+    programs = {
+        "exported": exported.module(),
+        "saved and loaded": torch.export.load(str(path)).module(),
+        # What AOTInductor and other backends lower: ATen ops only.
+        "decomposed": exported.run_decompositions().module(),
+    }
+    twin = pair_twin(net)
+    for n in (2, 5, 9):  # the batch size is dynamic
+        x, _ = batch(n, seed=200 + n)
+        with torch.no_grad():
+            y_eager, y_pair = net(x), twin(x)
+            for name, program in programs.items():
+                y = program(x)
+                assert_within(y, y_eager, EXACT_TO, f"{name} (batch {n})")
+                assert_close_to_reference(y, y_pair, torch.float64, f"{name} against the pair (batch {n})")
+
+
+def test_aoti_package_runs_from_python(aoti_package):
+    net, path = aoti_package
+    compiled = torch._inductor.aoti_load_package(str(path))
+    for n in (1, 3, 8):
+        x, _ = batch(n, dtype=torch.float32, seed=300 + n)
+        with torch.no_grad():
+            assert_within(compiled(x), net(x), 1e-6, f"AOTInductor output (batch {n})")
+
+
+def test_aoti_package_runs_from_cpp_like_python(aoti_package, tmp_path):
+    net, path = aoti_package
+    x, y = run_cpp_program("convbn_aoti_infer", path, (6, 3, 12, 12), tmp_path / "out.pt", "--seed", "11")
+    assert_matches_eval_net(y, x, net)
