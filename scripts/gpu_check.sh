@@ -28,9 +28,20 @@ if has build; then
   else
     summary "build: FAILED (see build.log)"; tail -40 "$RESULTS/build.log"; exit 1
   fi
+  # The C++ library and deployment programs (CPU operators; GoogleTest may be
+  # missing there), for the tests that run them. Optional: they skip without.
+  start=$SECONDS
+  if cmake -S . -B build -DCONVBN_BUILD_TESTS=OFF \
+       -DCMAKE_PREFIX_PATH="$(python3 -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+       > "$RESULTS/cmake.log" 2>&1 && cmake --build build -j "$MAX_JOBS" >> "$RESULTS/cmake.log" 2>&1; then
+    summary "cmake build (libconvbn.so, examples/cpp): ok ($((SECONDS - start)) s)"
+  else
+    summary "cmake build: FAILED (see cmake.log); the C++ program tests will skip"
+  fi
 fi
 
 if has test; then
+  [ -x build/examples/cpp/convbn_jit_infer ] && export CONVBN_BUILD_DIR="$PWD/build"
   python3 -m pytest -q -rs tests > "$RESULTS/pytest.log" 2>&1
   summary "pytest (all, CUDA included): exit $? — $(tail -1 "$RESULTS/pytest.log")"
 fi

@@ -38,8 +38,6 @@ std::string pad_mode_name(const ConvBN2dOptions::padding_mode_t& mode) {
   return "constant";
 }
 
-
-
 // Gives dst's parameters and buffers copies of src's, by name: their values,
 // dtype, device and requires_grad (set_data keeps each tensor the one the
 // module registered).
@@ -64,6 +62,7 @@ void copy_state(const torch::nn::Module& src, torch::nn::Module& dst,
           target->is_floating_point()
               ? source->detach().clone()
               : source->detach().to(target->scalar_type(), /*non_blocking=*/false, /*copy=*/true));
+      target->set_requires_grad(source->requires_grad());
     }
   }
 }

@@ -134,7 +134,10 @@ TEST(ConvBN2dModule, RoundTripsThroughThePairAndItsOptions) {
   auto [conv, bn] = convbn::to_modules(fused);
   EXPECT_TRUE(conv->options.bias());
   EXPECT_FALSE(bn->options.momentum().has_value());
+  bn->weight.set_requires_grad(false);  // a frozen gamma stays frozen
   convbn::ConvBN2d back = convbn::from_modules(conv, bn);
+  EXPECT_FALSE(back->bn_weight.requires_grad());
+  EXPECT_TRUE(back->weight.requires_grad());
   const auto ours = fused->named_parameters();
   const auto theirs = back->named_parameters();
   ASSERT_EQ(ours.size(), theirs.size());
