@@ -32,6 +32,12 @@ inline bool present(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
+// The other way round: an undefined tensor (an absent optional input, as
+// autograd and LibTorch modules hold it) as std::nullopt.
+inline std::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // The dtype of grad_bn_weight/grad_bn_bias: bn_weight's (bn_bias has the
 // same), or the data's when batch norm has no affine parameters.
 inline at::ScalarType bn_param_dtype(

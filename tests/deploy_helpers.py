@@ -11,6 +11,10 @@ from torch import nn
 import convbn
 from conftest import assert_close_to_reference
 
+# Float64 rounding, relative to a tensor's scale: the bound where Inductor
+# generates its own code for ATen ops around the convbn operators.
+EXACT_TO = 1e-12
+
 
 def convbn_net(memory_efficient=True, dtype=torch.float64):
     """ConvBN2d with ints, stride, groups, bias, cumulative momentum, an odd
@@ -33,6 +37,16 @@ def convbn_net(memory_efficient=True, dtype=torch.float64):
             if isinstance(layer, convbn.ConvBN2d) and layer.affine:
                 layer.bn_weight.uniform_(0.5, 1.5)
                 layer.bn_bias.uniform_(-1, 1)
+    return net
+
+
+def convbn_net_with_statistics(dtype=torch.float64):
+    """convbn_net after two training steps (running statistics away from
+    their initial 0 and 1), grads cleared, still in train mode."""
+    net = convbn_net(dtype=dtype)
+    for n in (4, 5):
+        train_step(net, *batch(n, dtype=dtype))
+    zero_grads(net)
     return net
 
 

@@ -19,11 +19,11 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import assert_close_to_reference
 from deploy_helpers import (
-    assert_same_state, assert_state_close_to_pair, assert_within, batch, convbn_net, pair_twin, train_step, zero_grads,
+    EXACT_TO, assert_same_state, assert_state_close_to_pair, assert_within, batch, convbn_net,
+    convbn_net_with_statistics, pair_twin, train_step, zero_grads,
 )
 
 BATCH_SIZES = (4, 5, 6, 7)
-EXACT_TO = 1e-12  # relative to the tensor's scale, in float64
 
 
 @pytest.fixture(autouse=True)
@@ -71,10 +71,7 @@ def test_compiled_training_matches_eager(memory_efficient):
 
 @pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
 def test_compiled_eval_matches_eager(grad_mode):
-    eager = convbn_net()
-    for n in (4, 5):  # running statistics away from their initial 0 and 1
-        train_step(eager, *batch(n))
-    zero_grads(eager)
+    eager = convbn_net_with_statistics()
     twin = pair_twin(eager)
     net = copy.deepcopy(eager)
     for model in (eager, twin, net):

@@ -9,16 +9,9 @@ import torch
 
 from conftest import assert_close_to_reference
 from cpp_programs import run_cpp_program
-from deploy_helpers import assert_matches_eval_net, assert_within, batch, convbn_net, pair_twin, train_step
-
-EXACT_TO = 1e-12  # float64 rounding, for code Inductor generated itself
-
-
-def _eval_net(dtype=torch.float64):
-    net = convbn_net(dtype=dtype)
-    for n in (4, 5):  # running statistics away from their initial 0 and 1
-        train_step(net, *batch(n, dtype=dtype))
-    return net.eval()
+from deploy_helpers import (
+    EXACT_TO, assert_matches_eval_net, assert_within, batch, convbn_net_with_statistics, pair_twin,
+)
 
 
 def _export(net, dtype):
@@ -30,7 +23,7 @@ def _export(net, dtype):
 @pytest.fixture(scope="module")
 def aoti_package(tmp_path_factory):
     """A float32 eval model, exported and compiled by AOTInductor: (net, package path)."""
-    net = _eval_net(torch.float32)
+    net = convbn_net_with_statistics(torch.float32).eval()
     path = tmp_path_factory.mktemp("aoti") / "net.pt2"
     try:
         torch._inductor.aoti_compile_and_package(_export(net, torch.float32), package_path=str(path))
@@ -40,7 +33,7 @@ def aoti_package(tmp_path_factory):
 
 
 def test_exported_eval_model_matches_eager(tmp_path):
-    net = _eval_net()
+    net = convbn_net_with_statistics().eval()
     exported = _export(net, torch.float64)
     path = tmp_path / "net.pt2"
     torch.export.save(exported, str(path))

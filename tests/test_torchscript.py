@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from conftest import assert_close_to_reference
 from cpp_programs import cpp_program, run_cpp_program
 from deploy_helpers import (
-    assert_matches_eval_net, assert_same_state, assert_state_close_to_pair, batch, convbn_net, pair_twin,
-    train_step, zero_grads,
+    assert_matches_eval_net, assert_same_state, assert_state_close_to_pair, batch, convbn_net,
+    convbn_net_with_statistics, pair_twin, train_step, zero_grads,
 )
 
 pytestmark = pytest.mark.filterwarnings(r"ignore::DeprecationWarning:torch\.jit")
@@ -127,9 +127,7 @@ def test_scripted_model_reports_a_bad_input_like_eager():
 
 
 def test_cpp_program_runs_the_saved_model_like_python(tmp_path):
-    net = convbn_net(dtype=torch.float32)
-    for n in (4, 5):  # running statistics away from their initial 0 and 1
-        train_step(net, *batch(n, dtype=torch.float32))
+    net = convbn_net_with_statistics(torch.float32)
     # Saved in train mode: the program switches the model to eval itself.
     torch.jit.save(script(copy.deepcopy(net)), str(tmp_path / "net.pt"))
     x, y = run_cpp_program("convbn_jit_infer", tmp_path / "net.pt", (3, 3, 12, 12), tmp_path / "out.pt",

@@ -26,10 +26,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;
 
-std::optional<at::Tensor> optional_of(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
 class ConvBNTrainFunction
     : public torch::autograd::Function<ConvBNTrainFunction> {
  public:

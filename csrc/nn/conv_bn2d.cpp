@@ -2,6 +2,7 @@
 // computing is done by the convbn operators through the dispatcher.
 #include "conv_bn2d.h"
 
+#include "../conv_bn_common.h"
 #include "../convbn.h"
 
 #include <torch/nn/init.h>
@@ -10,6 +11,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cmath>
 #include <ostream>
 #include <string>
@@ -19,10 +21,6 @@ namespace convbn {
 namespace {
 
 constexpr const char* kModule = "convbn.ConvBN2d";
-
-std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
 
 // at::pad's name for a conv padding mode other than zeros.
 std::string pad_mode_name(const ConvBN2dOptions::padding_mode_t& mode) {
@@ -237,13 +235,13 @@ torch::Tensor ConvBN2dImpl::forward(const torch::Tensor& input) {
   // statistics are tracked.
   if (!is_training() && running_mean.defined()) {
     return conv_bn_eval(
-        x, weight, optional_tensor(bias), optional_tensor(bn_weight),
-        optional_tensor(bn_bias), running_mean, running_var, stride,
+        x, weight, optional_of(bias), optional_of(bn_weight),
+        optional_of(bn_bias), running_mean, running_var, stride,
         conv_padding_, dilation, options.groups(), options.eps());
   }
   auto [output, save_mean, save_invstd, conv_output] = conv_bn_train(
-      x, weight, optional_tensor(bias), optional_tensor(bn_weight),
-      optional_tensor(bn_bias), stride, conv_padding_, dilation,
+      x, weight, optional_of(bias), optional_of(bn_weight),
+      optional_of(bn_bias), stride, conv_padding_, dilation,
       options.groups(), options.eps(), options.memory_efficient());
   // Only once the compute succeeded: an error leaves the statistics as they were.
   if (is_training() && running_mean.defined()) {

@@ -94,7 +94,6 @@ class ConvBN2d(nn.Module):
         # How the input is padded before the conv: (F.pad amounts, mode) and
         # the symmetric padding the conv itself applies, as nn.Conv2d does.
         self._conv_padding, self._input_pad = self._plan_padding()
-        self._needs_input_pad = any(p != 0 for p in self._input_pad)
         # The conv's arguments as lists, the type the operators take.
         self._stride = list(self.stride)
         self._dilation = list(self.dilation)
@@ -168,7 +167,7 @@ class ConvBN2d(nn.Module):
                 f"convbn: expected a 4-D input (N, C, H, W), got a {input.dim()}-D input of shape "
                 f"{list(input.shape)}{hint}"
             )
-        if self._needs_input_pad:
+        if any(self._input_pad):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             input = F.pad(input, self._input_pad, mode=mode)
         # nn.BatchNorm2d: batch statistics in training, and in eval when no
