@@ -73,7 +73,7 @@ setup(
     package_dir={"": "python"},
     packages=find_packages("python"),
     ext_modules=extensions(),
-    install_requires=["torch>=2.6"],
+    install_requires=["torch>=2.6", "tqdm"],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

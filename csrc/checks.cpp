@@ -21,7 +21,7 @@ void check_optional_channel_param(
   TORCH_CHECK(
       t->dim() == 1 && t->size(0) == channels,
       op, ": expected `", name, "` to be a 1-D tensor with one value per "
-      "output channel (", channels, " values, the conv weight's size(0)), "
+      "output channel (", channels, " values, weight.size(0)), "
       "but got shape ", t->sizes());
   TORCH_CHECK(
       t->device() == input.device(),
@@ -39,6 +39,32 @@ void check_optional_channel_param(
       allow_float32_for_reduced_input
           ? " (float32 is also accepted for float16/bfloat16 input)"
           : "");
+}
+
+// The bias of the conv or linear map: one value per output channel, with
+// weight's dtype.
+void check_conv_bias(
+    const char* op,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& weight,
+    const at::Tensor& input) {
+  if (!bias.has_value() || !bias->defined()) {
+    return;
+  }
+  const int64_t out_channels = weight.size(0);
+  TORCH_CHECK(
+      bias->dim() == 1 && bias->size(0) == out_channels,
+      op, ": expected `bias` (the conv/linear bias) to be a 1-D tensor with ",
+      out_channels, " values, but got shape ", bias->sizes());
+  TORCH_CHECK(
+      bias->scalar_type() == weight.scalar_type(),
+      op, ": `bias` has dtype ", bias->scalar_type(), " but `weight` has "
+      "dtype ", weight.scalar_type(), "; convert it with .to(",
+      weight.scalar_type(), ")");
+  TORCH_CHECK(
+      bias->device() == input.device(),
+      op, ": `bias` is on ", bias->device(), " but `input` is on ",
+      input.device(), "; move them to the same device");
 }
 
 void check_pair(const char* op, const char* name, at::IntArrayRef v) {
@@ -121,21 +147,7 @@ std::vector<c10::SymInt> check_conv_bn_args(
       " expects weight.size(1) * groups = ", weight.size(1) * groups,
       " input channels");
 
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(
-        bias->dim() == 1 && bias->size(0) == out_channels,
-        op, ": expected `bias` (the conv bias) to be a 1-D tensor with ",
-        out_channels, " values, but got shape ", bias->sizes());
-    TORCH_CHECK(
-        bias->scalar_type() == weight.scalar_type(),
-        op, ": `bias` has dtype ", bias->scalar_type(), " but `weight` has "
-        "dtype ", weight.scalar_type(), "; convert it with .to(",
-        weight.scalar_type(), ")");
-    TORCH_CHECK(
-        bias->device() == input.device(),
-        op, ": `bias` is on ", bias->device(), " but `input` is on ",
-        input.device(), "; move them to the same device");
-  }
+  check_conv_bias(op, bias, weight, input);
   check_optional_channel_param(
       op, "bn_weight", bn_weight, out_channels, input, true);
   check_optional_channel_param(
@@ -159,6 +171,60 @@ std::vector<c10::SymInt> check_conv_bn_args(
   return out_sizes;
 }
 
+std::vector<c10::SymInt> check_linear_bn_args(
+    const char* op,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps) {
+  TORCH_CHECK(
+      input.dim() == 2,
+      op, ": expected `input` of shape (N, in_features), but got a ",
+      input.dim(), "-D tensor of shape ", input.sizes(),
+      input.dim() == 1
+          ? "; add the batch dimension with input.unsqueeze(0)"
+          : "; BatchNorm1d after Linear normalizes (N, features) batches, "
+            "so flatten the other dimensions first");
+  TORCH_CHECK(
+      weight.dim() == 2,
+      op, ": expected `weight` of shape (out_features, in_features), but got "
+      "a ", weight.dim(), "-D tensor of shape ", weight.sizes());
+  TORCH_CHECK(
+      at::isFloatingType(input.scalar_type()),
+      op, ": `input` must be floating point (float32, float64, bfloat16 or "
+      "float16), got ", input.scalar_type(), "; convert it with "
+      "input.float()");
+  TORCH_CHECK(
+      weight.scalar_type() == input.scalar_type(),
+      op, ": `weight` has dtype ", weight.scalar_type(), " but `input` has "
+      "dtype ", input.scalar_type(), "; convert one of them (e.g. "
+      "input.to(weight.dtype)) or run under torch.autocast");
+  TORCH_CHECK(
+      weight.device() == input.device(),
+      op, ": `weight` is on ", weight.device(), " but `input` is on ",
+      input.device(), "; move them to the same device");
+  TORCH_CHECK(
+      std::isfinite(eps) && eps > 0,
+      op, ": `eps` must be a positive finite number, got ", eps);
+  const int64_t out_features = weight.size(0);
+  TORCH_CHECK(
+      out_features > 0,
+      op, ": `weight` has no output features (shape ", weight.sizes(), ")");
+  TORCH_CHECK(
+      input.sym_size(1) == weight.size(1),
+      op, ": feature mismatch: `input` has ", input.sym_size(1),
+      " features but `weight` of shape ", weight.sizes(), " expects ",
+      weight.size(1), " (in_features)");
+  check_conv_bias(op, bias, weight, input);
+  check_optional_channel_param(
+      op, "bn_weight", bn_weight, out_features, input, true);
+  check_optional_channel_param(
+      op, "bn_bias", bn_bias, out_features, input, true);
+  return {input.sym_size(0), c10::SymInt(out_features)};
+}
+
 void check_batch_statistics_possible(
     const char* op,
     const at::Tensor& input,
@@ -168,14 +234,17 @@ void check_batch_statistics_possible(
       op, ": `input` has an empty batch (shape ", input.sym_sizes(), "): batch "
       "normalization in training needs at least one sample; skip empty "
       "batches or call .eval() to use the running statistics");
-  const c10::SymInt values_per_channel =
-      output_sizes[0] * output_sizes[2] * output_sizes[3];
+  // Every dimension but the channels' (1) holds values of a channel.
+  c10::SymInt values_per_channel = output_sizes[0];
+  for (size_t d = 2; d < output_sizes.size(); ++d) {
+    values_per_channel = values_per_channel * output_sizes[d];
+  }
   TORCH_CHECK(
       values_per_channel > 1,
       "Expected more than 1 value per channel when training, got input size ",
-      input.sym_sizes(), " (the convolution output ", output_sizes, " has ",
-      values_per_channel, " value per channel); use a larger batch or "
-      "spatial size, or call .eval()");
+      input.sym_sizes(), " (the output ", output_sizes, " has ",
+      values_per_channel, " value per channel); use a larger batch",
+      output_sizes.size() > 2 ? " or spatial size" : "", ", or call .eval()");
 }
 
 void check_channel_vector(

@@ -28,6 +28,17 @@ std::vector<c10::SymInt> check_conv_bn_args(
     int64_t groups,
     double eps);
 
+// The same for linear_bn ops: input (N, in_features), weight
+// (out_features, in_features). Returns the output's sizes (N, out_features).
+std::vector<c10::SymInt> check_linear_bn_args(
+    const char* op,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps);
+
 // Training normalizes with batch statistics: it needs a non-empty batch and
 // more than one value per channel.
 void check_batch_statistics_possible(

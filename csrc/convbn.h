@@ -1,4 +1,5 @@
-// convbn: Conv2d followed by BatchNorm2d as one operator.
+// convbn: Conv2d followed by BatchNorm2d, and Linear followed by
+// BatchNorm1d, each as one operator.
 //
 // The C++ API for LibTorch users. Every function calls its operator through
 // the dispatcher (namespace `convbn`), so autograd, the CPU/CUDA kernels and
@@ -76,10 +77,12 @@ void update_running_stats(
     std::optional<double> momentum,
     int64_t count);
 
-// Batch norm with running statistics folded into a conv: returns
-// (folded_weight, folded_bias) with conv2d(x, folded_weight, folded_bias) ==
-// batch_norm(conv2d(x, weight, bias), running stats, bn_weight, bn_bias).
-// Computed in float32 (float64 for float64 weights), cast to weight's dtype.
+// Batch norm with running statistics folded into a conv or a linear layer:
+// returns (folded_weight, folded_bias) with conv2d(x, folded_weight,
+// folded_bias) == batch_norm(conv2d(x, weight, bias), running stats,
+// bn_weight, bn_bias), and the same with linear for a 2-D weight
+// (out_features, in_features). Computed in float32 (float64 for float64
+// weights), cast to weight's dtype.
 std::tuple<at::Tensor, at::Tensor> fold_conv_bn(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
@@ -104,6 +107,45 @@ at::Tensor conv_bn_eval(
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
     int64_t groups,
+    double eps);
+
+// Linear followed by BatchNorm1d on (N, in_features) input: as conv_bn_train
+// with y = input @ weight.T + bias (N, out_features) in place of the conv
+// output. Returns (output, save_mean, save_invstd, linear_output), the last
+// an empty tensor when memory_efficient (the backward recomputes it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_train(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps,
+    bool memory_efficient = true);
+
+// Backward of linear_bn_train; output_mask as in conv_bn_train_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_bn_train_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& linear_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    std::array<bool, 5> output_mask);
+
+// Inference of Linear + BatchNorm1d: the running statistics folded into the
+// linear weight and bias, one matmul. Differentiable like conv_bn_eval.
+at::Tensor linear_bn_eval(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
     double eps);
 
 } // namespace convbn

@@ -1,6 +1,8 @@
 // The three batch-norm kernels a device provides to the training driver
-// (conv_bn_train_driver.h): CPU (cpu/, compiled once per instruction set
-// and chosen at run time) and CUDA (cuda/).
+// (train_driver.h): CPU (cpu/, compiled once per instruction set and chosen
+// at run time) and CUDA (cuda/batch_norm_kernels.cu). They take 4-D tensors
+// (N, C, H, W) dense in their suggested memory format; a linear output
+// (N, C) comes as an (N, C, 1, 1) channels_last view.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -45,4 +47,11 @@ const KernelTable* avx2_kernels();
 const KernelTable& kernels();
 
 } // namespace cpu
+
+namespace cuda {
+
+// Defined in cuda/batch_norm_kernels.cu, in builds that compile CUDA.
+const KernelTable& kernels();
+
+} // namespace cuda
 } // namespace convbn

@@ -1,10 +1,11 @@
 // The operator schemas, declared once, and the C++ API that calls them
 // through the dispatcher. Kernels live in one file per dispatch key:
-//   cpu/conv_bn_train_kernel.cpp        CPU
-//   ../cuda/*.cu                        CUDA (each registers itself)
-//   meta/conv_bn_train_meta.cpp         Meta (shapes for fake tensors)
-//   autograd/conv_bn_train_autograd.cpp Autograd
+//   cpu/*_train_kernel.cpp              CPU
+//   ../cuda/*_train_kernel.cu           CUDA (each registers itself)
+//   autograd/*_train_autograd.cpp       Autograd
+//   autocast/*_autocast.cpp             AutocastCPU, AutocastCUDA
 //   composite/*.cpp                     device-generic ops built from ATen
+//   ../python/convbn/_fake.py           Meta/fake (shapes for FakeTensor)
 #include "convbn.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -39,6 +40,21 @@ TORCH_LIBRARY(convbn, m) {
       "Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
       "Tensor running_var, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, float eps) -> Tensor");
+  m.def(
+      "linear_bn_train(Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor? bn_weight, Tensor? bn_bias, float eps, "
+      "bool memory_efficient=True) -> (Tensor output, Tensor save_mean, "
+      "Tensor save_invstd, Tensor linear_output)");
+  m.def(
+      "linear_bn_train_backward(Tensor grad_output, Tensor input, "
+      "Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? linear_output, "
+      "Tensor save_mean, Tensor save_invstd, float eps, bool[5] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_bn_weight, Tensor grad_bn_bias)");
+  m.def(
+      "linear_bn_eval(Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
+      "Tensor running_var, float eps) -> Tensor");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
@@ -139,6 +155,57 @@ at::Tensor conv_bn_eval(
   return op.call(
       input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
       stride, padding, dilation, groups, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_train(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps,
+    bool memory_efficient) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("convbn::linear_bn_train", "")
+                       .typed<decltype(linear_bn_train)>();
+  return op.call(input, weight, bias, bn_weight, bn_bias, eps, memory_efficient);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_bn_train_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& linear_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    std::array<bool, 5> output_mask) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("convbn::linear_bn_train_backward", "")
+          .typed<decltype(linear_bn_train_backward)>();
+  return op.call(
+      grad_output, input, weight, bias, bn_weight, linear_output, save_mean,
+      save_invstd, eps, output_mask);
+}
+
+at::Tensor linear_bn_eval(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("convbn::linear_bn_eval", "")
+                       .typed<decltype(linear_bn_eval)>();
+  return op.call(
+      input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
 }
 
 } // namespace convbn

@@ -9,7 +9,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 missing=()
-for module in pytest numpy matplotlib; do
+for module in pytest numpy matplotlib tqdm; do
   "$PY" -c "import $module" 2>/dev/null || missing+=("$module")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -13,5 +13,5 @@ bash scripts/compile_cuda.sh
 # The deployment tests run the C++ programs built above, and fail if missing.
 export CONVBN_BUILD_DIR="$PWD/build"
 # The numeric suites once more on the portable (non-AVX2) CPU kernels.
-CONVBN_CPU_CAPABILITY=default python3 -m pytest -q tests/test_parity.py tests/test_autograd.py
+CONVBN_CPU_CAPABILITY=default python3 -m pytest -q tests/test_parity.py tests/test_autograd.py tests/test_linear_bn.py
 python3 -m pytest -q tests "$@"

@@ -6,29 +6,15 @@
 // cast away. The casts are autograd-visible, so grads reach the float32
 // parameters. (conv_bn_eval needs its own entry: it decomposes into
 // at::convolution, which is not on every autocast list.)
+#include "autocast_cast.h"
+
 #include "../convbn.h"
 
-#include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 namespace convbn {
 namespace {
-
-// Casts a floating-point tensor to the autocast dtype of Device.
-template <c10::DeviceType Device>
-struct AutocastCast {
-  at::ScalarType dtype = at::autocast::get_autocast_dtype(Device);
-  at::Tensor operator()(const at::Tensor& t) const {
-    return at::autocast::cached_cast(dtype, t, Device);
-  }
-  std::optional<at::Tensor> operator()(const std::optional<at::Tensor>& t) const {
-    if (!t.has_value() || !t->defined()) {
-      return t;
-    }
-    return (*this)(*t);
-  }
-};
 
 template <c10::DispatchKey AutocastKey, c10::DeviceType Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>

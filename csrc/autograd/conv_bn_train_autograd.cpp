@@ -12,9 +12,10 @@
 // gradients from differentiable ATen ops, recomputing the statistics from
 // input so that their dependence on input is part of the graph, as ATen's
 // batchnorm_double_backward does. Otherwise it runs the fast kernels.
-#include "../convbn.h"
+#include "train_autograd_common.h"
+
 #include "../checks.h"
-#include "../conv_bn_common.h"
+#include "../convbn.h"
 
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -72,18 +73,9 @@ class ConvBNTrainFunction
       return variable_list(11);
     }
     const auto saved = ctx->get_saved_variables();
-    // needs_input_grad counts only the tensors that were passed: an absent
-    // optional (bias, bn_weight, bn_bias) has no edge.
-    const std::array<bool, 5> present_inputs = {
-        true, true, saved[2].defined(), saved[3].defined(),
-        ctx->saved_data["has_bn_bias"].toBool()};
-    std::array<bool, 5> output_mask{};
-    size_t edge = 0;
-    for (size_t i = 0; i < present_inputs.size(); ++i) {
-      if (present_inputs[i]) {
-        output_mask[i] = ctx->needs_input_grad(edge++);
-      }
-    }
+    const auto output_mask = train_output_mask(
+        ctx, saved[2].defined(), saved[3].defined(),
+        ctx->saved_data["has_bn_bias"].toBool());
     auto [grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias] =
         conv_bn_train_backward(
             grad_outputs[0], saved[0], saved[1], optional_of(saved[2]),
@@ -118,11 +110,39 @@ conv_bn_train_autograd(
   return {result[0], result[1], result[2], result[3]};
 }
 
-// The backward written with differentiable ATen ops, for double backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_train_backward_autograd(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& conv_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::array<bool, 5> output_mask) {
+  if (records_graph(grad_output, input, weight, bias, bn_weight)) {
+    return differentiable_conv_bn_backward(
+        grad_output, input, weight, bias, bn_weight, stride, padding,
+        dilation, groups, eps, output_mask);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return conv_bn_train_backward(
+      grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
+      save_invstd, stride, padding, dilation, groups, eps, output_mask);
+}
+
+} // namespace
+
 // save_mean/save_invstd/conv_output are not used: the statistics are
 // recomputed from input, so their dependence on input is differentiated.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-differentiable_backward(
+differentiable_conv_bn_backward(
     const at::Tensor& grad_output,
     const at::Tensor& input,
     const at::Tensor& weight,
@@ -172,43 +192,6 @@ differentiable_backward(
   }
   return {grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias};
 }
-
-bool requires_grad(const std::optional<at::Tensor>& t) {
-  return present(t) && t->requires_grad();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-conv_bn_train_backward_autograd(
-    const at::Tensor& grad_output,
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& bn_weight,
-    const std::optional<at::Tensor>& conv_output,
-    const at::Tensor& save_mean,
-    const at::Tensor& save_invstd,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups,
-    double eps,
-    std::array<bool, 5> output_mask) {
-  const bool record_graph = at::GradMode::is_enabled() &&
-      (grad_output.requires_grad() || input.requires_grad() ||
-       weight.requires_grad() || requires_grad(bias) ||
-       requires_grad(bn_weight));
-  if (record_graph) {
-    return differentiable_backward(
-        grad_output, input, weight, bias, bn_weight, stride, padding,
-        dilation, groups, eps, output_mask);
-  }
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return conv_bn_train_backward(
-      grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
-      save_invstd, stride, padding, dilation, groups, eps, output_mask);
-}
-
-} // namespace
 
 TORCH_LIBRARY_IMPL(convbn, Autograd, m) {
   m.impl("conv_bn_train", &conv_bn_train_autograd);

@@ -1,6 +1,6 @@
 // CPU registration of conv_bn_train and its backward: the device-generic
 // driver with the CPU kernel table (AVX2 or portable, chosen at run time).
-#include "../conv_bn_train_driver.h"
+#include "../train_driver.h"
 
 #include <torch/library.h>
 

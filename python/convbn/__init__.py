@@ -1,10 +1,15 @@
-"""convbn: Conv2d followed by BatchNorm2d as one PyTorch operator.
+"""convbn: Conv2d followed by BatchNorm2d, and Linear followed by
+BatchNorm1d, each as one PyTorch operator.
 
-    torch.ops.convbn.conv_bn_train / conv_bn_train_backward /
-        update_running_stats / conv_bn_eval     the operators
-    convbn.ConvBN2d                             the nn.Module
-    convbn.functional.conv_bn                   the functional form
-    convbn.fuse(model)                          convert a model's pairs
+    torch.ops.convbn.conv_bn_train / conv_bn_train_backward / conv_bn_eval
+    torch.ops.convbn.linear_bn_train / linear_bn_train_backward / linear_bn_eval
+    torch.ops.convbn.update_running_stats / fold_conv_bn
+                                                the operators
+    convbn.ConvBN2d, convbn.LinearBN1d          the nn.Modules
+    convbn.functional.conv_bn / linear_bn       the functional forms
+    convbn.fuse(model), convbn.unfuse(model)    convert a model's pairs
+    convbn.recalibrate(model, batches)          exact population statistics
+    convbn.models                               ResNet-18/50 and d2l's LeNet-BN
     convbn.utils.saved_tensor_bytes(fn)         bytes kept for backward
 """
 
@@ -13,9 +18,10 @@ from . import _library
 _library.load()
 
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
-from . import functional, utils  # noqa: E402
-from .fuse import fuse  # noqa: E402
-from .modules import ConvBN2d  # noqa: E402
+from . import functional, models, utils  # noqa: E402
+from .fuse import fuse, unfuse  # noqa: E402
+from .modules import ConvBN2d, LinearBN1d  # noqa: E402
+from .recalibrate import recalibrate  # noqa: E402
 
-__all__ = ["ConvBN2d", "functional", "fuse", "utils"]
+__all__ = ["ConvBN2d", "LinearBN1d", "functional", "fuse", "models", "recalibrate", "unfuse", "utils"]
 __version__ = "0.1.0"

@@ -1,8 +1,8 @@
 """Fake (meta) kernels: the shapes, dtypes and memory formats of every op's
 results, computed without data, for torch.compile, torch.export and
 FakeTensor. They use symbolic sizes as they come, so a varying batch size
-needs no recompilation. conv_bn_eval is CompositeImplicitAutograd and needs
-none. Argument errors are raised by the real kernels (csrc/checks.cpp)."""
+needs no recompilation. conv_bn_eval and linear_bn_eval are
+CompositeImplicitAutograd and need none. Argument errors are raised by the real kernels (csrc/checks.cpp)."""
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -53,6 +53,32 @@ def _conv_bn_train_backward_fake(
 ):
     _check_same_device("convbn.conv_bn_train_backward", input, grad_output=grad_output,
                        weight=weight, bias=bias, bn_weight=bn_weight)
+    return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
+
+
+@torch.library.register_fake("convbn::linear_bn_train")
+def _linear_bn_train_fake(input, weight, bias, bn_weight, bn_bias, eps, memory_efficient=True):
+    _check_same_device("convbn.linear_bn_train", input, weight=weight, bias=bias,
+                       bn_weight=bn_weight, bn_bias=bn_bias)
+    torch._check(input.dim() == 2, lambda: f"convbn: expected a 2-D input, got {input.dim()}-D")
+    torch._check(weight.dim() == 2, lambda: f"convbn: expected a 2-D weight, got {weight.dim()}-D")
+    output = input.new_empty((input.shape[0], weight.shape[0]))
+    stats = input.new_empty((weight.shape[0],), dtype=_stats_dtype(input.dtype))
+    linear_output = input.new_empty((0,)) if memory_efficient else torch.empty_like(output)
+    return output, stats, torch.empty_like(stats), linear_output
+
+
+@torch.library.register_fake("convbn::linear_bn_train_backward")
+def _linear_bn_train_backward_fake(
+    grad_output, input, weight, bias, bn_weight, linear_output, save_mean, save_invstd, eps, output_mask,
+):
+    _check_same_device("convbn.linear_bn_train_backward", input, grad_output=grad_output,
+                       weight=weight, bias=bias, bn_weight=bn_weight)
+    return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
+
+
+def _train_backward_fake(input, weight, bias, bn_weight, output_mask):
+    """The five gradients of a training backward, as its output_mask asks."""
     param_dtype = bn_weight.dtype if bn_weight is not None else input.dtype
     channels = weight.shape[0]
     grad_input = (

@@ -1,4 +1,5 @@
-"""convbn.functional.conv_bn: F.conv2d followed by F.batch_norm, as one op."""
+"""convbn.functional: F.conv2d followed by F.batch_norm (conv_bn), and
+F.linear followed by F.batch_norm (linear_bn), each as one operator."""
 
 import math
 from typing import List, Optional, Tuple, Union
@@ -119,30 +120,96 @@ def _conv_bn_prepared(
     any 'same' padding already applied: what ConvBN2d.forward calls. It is
     TorchScript-compatible, so scripted models call the operators directly."""
     if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                "convbn: training=False needs running_mean and running_var; "
-                "pass them, or use training=True to normalize with batch statistics"
-            )
+        mean, var = _eval_statistics(running_mean, running_var)
         return torch.ops.convbn.conv_bn_eval(
-            input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+            input, weight, bias, bn_weight, bn_bias, mean, var,
             stride, padding, dilation, groups, eps,
         )
 
+    _check_statistics(running_mean, running_var, num_batches_tracked, momentum)
+    output, save_mean, save_invstd, _ = torch.ops.convbn.conv_bn_train(
+        input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
+        memory_efficient,
+    )
+    _update_statistics(
+        running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum,
+        output.shape[0] * output.shape[2] * output.shape[3],
+    )
+    return output
+
+
+def linear_bn(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    bn_weight: Optional[Tensor] = None,
+    bn_bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
+    training: bool = True,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    memory_efficient: bool = True,
+) -> Tensor:
+    """``F.batch_norm(F.linear(input, weight, bias), running_mean,
+    running_var, bn_weight, bn_bias, training, momentum, eps)`` on input of
+    shape (N, in_features), computed as one operator, with conv_bn's rules
+    for training, running statistics and memory_efficient. It is
+    TorchScript-compatible."""
+    check_momentum(momentum)
+    if not training:
+        mean, var = _eval_statistics(running_mean, running_var)
+        return torch.ops.convbn.linear_bn_eval(
+            input, weight, bias, bn_weight, bn_bias, mean, var, eps,
+        )
+    _check_statistics(running_mean, running_var, num_batches_tracked, momentum)
+    output, save_mean, save_invstd, _ = torch.ops.convbn.linear_bn_train(
+        input, weight, bias, bn_weight, bn_bias, eps, memory_efficient,
+    )
+    _update_statistics(
+        running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum,
+        output.shape[0],
+    )
+    return output
+
+
+def _eval_statistics(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "convbn: training=False needs running_mean and running_var; "
+            "pass them, or use training=True to normalize with batch statistics"
+        )
+    return running_mean, running_var
+
+
+def _check_statistics(
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+) -> None:
     if (running_mean is None) != (running_var is None):
         raise ValueError("convbn: pass both running_mean and running_var, or neither")
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("convbn: momentum=None (cumulative average) needs num_batches_tracked")
 
-    output, save_mean, save_invstd, _ = torch.ops.convbn.conv_bn_train(
-        input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
-        memory_efficient,
-    )
+
+def _update_statistics(
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    eps: float,
+    momentum: Optional[float],
+    count: int,
+) -> None:
+    """After a successful training forward: blends the batch statistics of
+    `count` values per channel into the running ones, when there are any."""
     if running_mean is not None and running_var is not None:
         if num_batches_tracked is None:
             num_batches_tracked = torch.zeros([], dtype=torch.long, device=running_mean.device)
-        count = output.shape[0] * output.shape[2] * output.shape[3]
         torch.ops.convbn.update_running_stats(
             running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum, count,
         )
-    return output

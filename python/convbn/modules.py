@@ -1,4 +1,5 @@
-"""convbn.ConvBN2d: nn.Conv2d followed by nn.BatchNorm2d, one operator."""
+"""convbn.ConvBN2d (nn.Conv2d followed by nn.BatchNorm2d) and
+convbn.LinearBN1d (nn.Linear followed by nn.BatchNorm1d), each one operator."""
 
 import math
 from typing import List, Optional, Tuple, Union
@@ -7,12 +8,124 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import _conv_bn_prepared, _pair, check_momentum, same_padding
+from .functional import _conv_bn_prepared, _pair, check_momentum, linear_bn, same_padding
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-class ConvBN2d(nn.Module):
+class _FusedBatchNorm(nn.Module):
+    """What ConvBN2d and LinearBN1d share: batch norm's parameters
+    (bn_weight, bn_bias), its running statistics, their initialization, and
+    the eval-mode fold cache. Subclasses own `weight` and `bias`."""
+
+    def _init_batch_norm(
+        self, num_features: int, eps: float, momentum: Optional[float], affine: bool,
+        track_running_stats: bool, factory,
+    ) -> None:
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"convbn: eps must be a positive finite number, got {eps}")
+        check_momentum(momentum)
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.bn_weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bn_bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("bn_weight", None)
+            self.register_parameter("bn_bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def _statistics(self) -> Tuple[bool, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """nn.BatchNorm's rule: batch statistics in training, and in eval when
+        no running statistics are tracked. Returns (use batch statistics,
+        running_mean, running_var, num_batches_tracked) as the functional
+        forms take them: the running statistics to update (training) or to
+        normalize with (eval), None where there are none to use."""
+        use_batch_stats = self.training or self.running_mean is None
+        update_stats = self.training and self.track_running_stats
+        keep = update_stats or not use_batch_stats
+        return (
+            use_batch_stats,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.num_batches_tracked if update_stats else None,
+        )
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        # The same initialization as nn.Conv2d / nn.Linear and nn.BatchNorm.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
+            if fan_in != 0:
+                bound = 1 / math.sqrt(fan_in)
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.bn_weight)
+            nn.init.zeros_(self.bn_bias)
+
+    # Inference without autograd: the fold depends only on the parameters and
+    # running statistics, so it is computed once and reused until one of them
+    # changes: an in-place update bumps a tensor's _version, a replaced tensor
+    # is another object (the cache holds the tensors it was made from, so
+    # their identities cannot be reused meanwhile). Training, grad mode,
+    # torch.compile and TorchScript fold afresh through the *_eval operators.
+    @torch.jit.unused
+    def _can_use_folded_cache(self) -> bool:
+        return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    @torch.jit.unused
+    def _folded(self) -> Tuple[Tensor, Tensor]:
+        tensors = (self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean, self.running_var)
+        versions = tuple(None if t is None else t._version for t in tensors) + (self.eps,)
+        cache = self.__dict__.get("_fold_cache")
+        if (cache is None or cache[1] != versions
+                or any(a is not b for a, b in zip(cache[0], tensors))):
+            folded = torch.ops.convbn.fold_conv_bn(*tensors, self.eps)
+            cache = (tensors, versions, folded)
+            self.__dict__["_fold_cache"] = cache
+        return cache[2]
+
+    def _batch_norm_repr(self) -> str:
+        return (f", eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, memory_efficient={self.memory_efficient}")
+
+    def _copy_batch_norm_from(self, bn: nn.Module) -> None:
+        self.bn_weight = _copy_parameter(bn.weight)
+        self.bn_bias = _copy_parameter(bn.bias)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            buffer = getattr(bn, name)
+            setattr(self, name, None if buffer is None else buffer.detach().clone())
+        self.train(bn.training)
+
+    def _copy_batch_norm_to(self, bn: nn.Module) -> None:
+        bn.weight = _copy_parameter(self.bn_weight)
+        bn.bias = _copy_parameter(self.bn_bias)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            buffer = getattr(self, name)
+            setattr(bn, name, None if buffer is None else buffer.detach().clone())
+        bn.train(self.training)
+
+
+class ConvBN2d(_FusedBatchNorm):
     """``nn.Sequential(nn.Conv2d(...), nn.BatchNorm2d(out_channels, ...))`` as
     one operator, with the same arguments, numbers, train/eval behaviour and
     running statistics as that pair.
@@ -67,9 +180,6 @@ class ConvBN2d(nn.Module):
             raise ValueError(f"convbn: out_channels ({out_channels}) must be divisible by groups ({groups})")
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f"convbn: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"convbn: eps must be a positive finite number, got {eps}")
-        check_momentum(momentum)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = tuple(_pair(kernel_size, "kernel_size"))
@@ -85,10 +195,6 @@ class ConvBN2d(nn.Module):
             self.padding = tuple(_pair(padding, "padding"))
         self.groups = groups
         self.padding_mode = padding_mode
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
         self.memory_efficient = memory_efficient
 
         # How the input is padded before the conv: (F.pad amounts, mode) and
@@ -105,23 +211,7 @@ class ConvBN2d(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
             self.register_parameter("bias", None)
-        if affine:
-            self.bn_weight = nn.Parameter(torch.empty(out_channels, **factory))
-            self.bn_bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bn_weight", None)
-            self.register_parameter("bn_bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(out_channels, **factory))
-            self.register_buffer("running_var", torch.ones(out_channels, **factory))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        self._init_batch_norm(out_channels, eps, momentum, affine, track_running_stats, factory)
         self.reset_parameters()
 
     def _plan_padding(self) -> Tuple[List[int], List[int]]:
@@ -138,25 +228,6 @@ class ConvBN2d(nn.Module):
         pad = [symmetric[1], symmetric[1] + extra[1], symmetric[0], symmetric[0] + extra[3]]
         return [0, 0], pad
 
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        # The same initialization as nn.Conv2d and nn.BatchNorm2d.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
-            if fan_in != 0:
-                bound = 1 / math.sqrt(fan_in)
-                nn.init.uniform_(self.bias, -bound, bound)
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.bn_weight)
-            nn.init.zeros_(self.bn_bias)
-
     def forward(self, input: Tensor) -> Tensor:
         # TorchScript compiles this method: it sticks to typed attributes
         # (lists, Optional tensors, constants) and calls the operators through
@@ -170,43 +241,15 @@ class ConvBN2d(nn.Module):
         if any(self._input_pad):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             input = F.pad(input, self._input_pad, mode=mode)
-        # nn.BatchNorm2d: batch statistics in training, and in eval when no
-        # running statistics are tracked.
-        use_batch_stats = self.training or self.running_mean is None
+        use_batch_stats, running_mean, running_var, num_batches_tracked = self._statistics()
         if not use_batch_stats and not torch.jit.is_scripting() and self._can_use_folded_cache():
             weight, bias = self._folded()
             return F.conv2d(input, weight, bias, self._stride, self._conv_padding, self._dilation, self.groups)
-        update_stats = self.training and self.track_running_stats
         return _conv_bn_prepared(
             input, self.weight, self.bias, self.bn_weight, self.bn_bias,
-            self.running_mean if (update_stats or not use_batch_stats) else None,
-            self.running_var if (update_stats or not use_batch_stats) else None,
-            self.num_batches_tracked if update_stats else None,
-            use_batch_stats, self.momentum, self.eps,
+            running_mean, running_var, num_batches_tracked, use_batch_stats, self.momentum, self.eps,
             self._stride, self._conv_padding, self._dilation, self.groups, self.memory_efficient,
         )
-
-    # Inference without autograd: the fold depends only on the parameters and
-    # running statistics, so it is computed once and reused until one of them
-    # changes: an in-place update bumps a tensor's _version, a replaced tensor
-    # is another object (the cache holds the tensors it was made from, so
-    # their identities cannot be reused meanwhile). Training, grad mode,
-    # torch.compile and TorchScript fold afresh through convbn.conv_bn_eval.
-    @torch.jit.unused
-    def _can_use_folded_cache(self) -> bool:
-        return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-    @torch.jit.unused
-    def _folded(self) -> Tuple[Tensor, Tensor]:
-        tensors = (self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean, self.running_var)
-        versions = tuple(None if t is None else t._version for t in tensors) + (self.eps,)
-        cache = self.__dict__.get("_fold_cache")
-        if (cache is None or cache[1] != versions
-                or any(a is not b for a, b in zip(cache[0], tensors))):
-            folded = torch.ops.convbn.fold_conv_bn(*tensors, self.eps)
-            cache = (tensors, versions, folded)
-            self.__dict__["_fold_cache"] = cache
-        return cache[2]
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -219,9 +262,7 @@ class ConvBN2d(nn.Module):
             s += ", bias=True"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
-        s += (f", eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-              f"track_running_stats={self.track_running_stats}, memory_efficient={self.memory_efficient}")
-        return s
+        return s + self._batch_norm_repr()
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, memory_efficient: bool = True) -> "ConvBN2d":
@@ -245,12 +286,7 @@ class ConvBN2d(nn.Module):
         )
         fused.weight = _copy_parameter(conv.weight)
         fused.bias = _copy_parameter(conv.bias)
-        fused.bn_weight = _copy_parameter(bn.weight)
-        fused.bn_bias = _copy_parameter(bn.bias)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            buffer = getattr(bn, name)
-            setattr(fused, name, None if buffer is None else buffer.detach().clone())
-        fused.train(bn.training)
+        fused._copy_batch_norm_from(bn)
         return fused
 
     def to_modules(self) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:
@@ -266,14 +302,119 @@ class ConvBN2d(nn.Module):
         )
         conv.weight = _copy_parameter(self.weight)
         conv.bias = _copy_parameter(self.bias)
-        bn.weight = _copy_parameter(self.bn_weight)
-        bn.bias = _copy_parameter(self.bn_bias)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            buffer = getattr(self, name)
-            setattr(bn, name, None if buffer is None else buffer.detach().clone())
         conv.train(self.training)
-        bn.train(self.training)
+        self._copy_batch_norm_to(bn)
         return conv, bn
+
+
+class LinearBN1d(_FusedBatchNorm):
+    """``nn.Sequential(nn.Linear(in_features, out_features, bias),
+    nn.BatchNorm1d(out_features, ...))`` on (N, in_features) input, as one
+    operator, with the same arguments, numbers, train/eval behaviour and
+    running statistics as that pair.
+
+    Parameters and buffers (state_dict keys): weight, bias (bias=True only),
+    bn_weight, bn_bias (affine=True), running_mean, running_var,
+    num_batches_tracked (track_running_stats=True). memory_efficient as in
+    ConvBN2d: keep only the input, the weights and per-channel statistics for
+    backward and recompute the matmul there. Eval mode folds the statistics
+    into the linear layer.
+    """
+
+    __constants__ = [
+        "in_features", "out_features", "eps", "momentum", "affine", "track_running_stats",
+        "memory_efficient",
+    ]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        memory_efficient: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(
+                f"convbn: in_features and out_features must be positive, got {in_features} and {out_features}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.memory_efficient = memory_efficient
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self._init_batch_norm(out_features, eps, momentum, affine, track_running_stats, factory)
+        self.reset_parameters()
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 2:
+            raise ValueError(
+                f"convbn: LinearBN1d expects a 2-D input (N, in_features), got a {input.dim()}-D input "
+                f"of shape {list(input.shape)}"
+            )
+        use_batch_stats, running_mean, running_var, num_batches_tracked = self._statistics()
+        if not use_batch_stats and not torch.jit.is_scripting() and self._can_use_folded_cache():
+            weight, bias = self._folded()
+            return F.linear(input, weight, bias)
+        return linear_bn(
+            input, self.weight, self.bias, self.bn_weight, self.bn_bias,
+            running_mean, running_var, num_batches_tracked, use_batch_stats, self.momentum, self.eps,
+            self.memory_efficient,
+        )
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}"
+        if self.bias is not None:
+            s += ", bias=True"
+        return s + self._batch_norm_repr()
+
+    @classmethod
+    def from_modules(cls, linear: nn.Linear, bn: nn.BatchNorm1d, memory_efficient: bool = True) -> "LinearBN1d":
+        """A LinearBN1d holding copies of linear's and bn's parameters,
+        buffers and hyper-parameters; it computes what bn(linear(x))
+        computes on (N, in_features) input, and starts in bn's train/eval
+        mode."""
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"convbn: from_modules expects an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(bn, nn.BatchNorm1d):
+            raise TypeError(f"convbn: from_modules expects an nn.BatchNorm1d, got {type(bn).__name__}")
+        if linear.out_features != bn.num_features:
+            raise ValueError(
+                f"convbn: the linear layer has {linear.out_features} output features but the batch norm "
+                f"has num_features={bn.num_features}"
+            )
+        fused = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, bn.eps, bn.momentum,
+            bn.affine, bn.track_running_stats, memory_efficient, device="meta",
+        )
+        fused.weight = _copy_parameter(linear.weight)
+        fused.bias = _copy_parameter(linear.bias)
+        fused._copy_batch_norm_from(bn)
+        return fused
+
+    def to_modules(self) -> Tuple[nn.Linear, nn.BatchNorm1d]:
+        """(nn.Linear, nn.BatchNorm1d) holding copies of this module's
+        parameters, buffers and hyper-parameters, in its train/eval mode."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        bn = nn.BatchNorm1d(
+            self.out_features, self.eps, self.momentum, self.affine, self.track_running_stats,
+            device="meta",
+        )
+        linear.weight = _copy_parameter(self.weight)
+        linear.bias = _copy_parameter(self.bias)
+        linear.train(self.training)
+        self._copy_batch_norm_to(bn)
+        return linear, bn
 
 
 def _copy_parameter(p: Optional[nn.Parameter]) -> Optional[nn.Parameter]:

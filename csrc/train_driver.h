@@ -1,4 +1,6 @@
-// The device-generic training forward and backward (see the .cpp file).
+// The device-generic training forward and backward of conv+BN and
+// linear+BN (see the .cpp file), and the templates a device registers at
+// its dispatch key with its own kernel table.
 #pragma once
 
 #include "kernel_table.h"
@@ -46,10 +48,37 @@ conv_bn_train_backward_impl(
     double eps,
     std::array<bool, 5> output_mask);
 
-// What a device registers at its dispatch key (`&conv_bn_train_kernel<table>`):
-// the driver with that device's kernel table, under a guard for input's
-// device. The guard accepts any device, so an input on another device than
-// the weights reaches the driver's clear device-mismatch error.
+// linear_bn_train with the given device kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_bn_train_forward(
+    const KernelTable& kernels,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps,
+    bool memory_efficient);
+
+// linear_bn_train_backward with the given device kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_bn_train_backward_impl(
+    const KernelTable& kernels,
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& linear_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    std::array<bool, 5> output_mask);
+
+// What a device registers at its dispatch key (`&conv_bn_train_kernel<table>`
+// and so on): the driver with that device's kernel table, under a guard for
+// input's device. The guard accepts any device, so an input on another device
+// than the weights reaches the driver's clear device-mismatch error.
 template <const KernelTable& (*Table)()>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_kernel(
     const at::Tensor& input,
@@ -91,6 +120,40 @@ conv_bn_train_backward_kernel(
       Table(), grad_output, input, weight, bias, bn_weight, conv_output,
       save_mean, save_invstd, stride, padding, dilation, groups, eps,
       output_mask);
+}
+
+template <const KernelTable& (*Table)()>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_bn_train_kernel(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps,
+    bool memory_efficient) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(input));
+  return linear_bn_train_forward(
+      Table(), input, weight, bias, bn_weight, bn_bias, eps, memory_efficient);
+}
+
+template <const KernelTable& (*Table)()>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_bn_train_backward_kernel(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& linear_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    std::array<bool, 5> output_mask) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(input));
+  return linear_bn_train_backward_impl(
+      Table(), grad_output, input, weight, bias, bn_weight, linear_output,
+      save_mean, save_invstd, eps, output_mask);
 }
 
 } // namespace convbn

@@ -1,8 +1,8 @@
-// fold_conv_bn and conv_bn_eval: batch norm with running statistics folded
-// into the conv,
+// fold_conv_bn, conv_bn_eval and linear_bn_eval: batch norm with running
+// statistics folded into the conv (or linear layer),
 //   W' = W * gamma / sqrt(running_var + eps)           (per output channel)
 //   b' = (b - running_mean) * gamma / sqrt(running_var + eps) + beta
-// then one convolution. Written with ATen ops and registered as
+// then one convolution (or one matmul). Written with ATen ops and registered as
 // CompositeImplicitAutograd: autograd differentiates the fold and the conv
 // (to any order), the conv goes to cuDNN/oneDNN, and fake tensors need no
 // kernel of their own. The fold is computed in float32 (float64 for float64
@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <utility>
+#include <vector>
 
 namespace convbn {
 namespace {
@@ -29,9 +30,10 @@ void check_fold_args(
     const at::Tensor& running_var,
     double eps) {
   TORCH_CHECK(
-      weight.dim() == 4,
-      op, ": expected `weight` of shape (out_channels, in_channels / groups, "
-      "kH, kW), but got shape ", weight.sizes());
+      weight.dim() == 4 || weight.dim() == 2,
+      op, ": expected a conv `weight` (out_channels, in_channels / groups, "
+      "kH, kW) or a linear `weight` (out_features, in_features), but got "
+      "shape ", weight.sizes());
   const int64_t channels = weight.size(0);
   for (const auto& [name, t] :
        {std::pair<const char*, const std::optional<at::Tensor>*>{"bias", &bias},
@@ -72,8 +74,11 @@ std::tuple<at::Tensor, at::Tensor> fold_conv_bn_composite(
   if (present(bn_bias)) {
     folded_bias = folded_bias + bn_bias->to(fold_dtype);
   }
+  std::vector<int64_t> per_output_channel(weight.dim(), 1);
+  per_output_channel[0] = -1;
   const at::Tensor folded_weight =
-      (weight.to(fold_dtype) * scale.view({-1, 1, 1, 1})).to(weight.dtype());
+      (weight.to(fold_dtype) * scale.view(per_output_channel))
+          .to(weight.dtype());
   return {folded_weight, folded_bias.to(weight.dtype())};
 }
 
@@ -103,11 +108,28 @@ at::Tensor conv_bn_eval_composite(
       /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
 }
 
+at::Tensor linear_bn_eval_composite(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    double eps) {
+  check_linear_bn_args(
+      "convbn.linear_bn_eval", input, weight, bias, bn_weight, bn_bias, eps);
+  const auto [folded_weight, folded_bias] = fold_conv_bn(
+      weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
+  return at::linear(input, folded_weight, folded_bias);
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(convbn, CompositeImplicitAutograd, m) {
   m.impl("fold_conv_bn", &fold_conv_bn_composite);
   m.impl("conv_bn_eval", &conv_bn_eval_composite);
+  m.impl("linear_bn_eval", &linear_bn_eval_composite);
 }
 
 } // namespace convbn

@@ -1,0 +1,68 @@
+// What the autograd kernels of conv_bn_train and linear_bn_train share
+// (autograd/*_train_autograd.cpp).
+#pragma once
+
+#include "../conv_bn_common.h"
+
+#include <torch/autograd.h>
+
+#include <array>
+#include <optional>
+
+namespace convbn {
+
+// Which of (input, weight, bias, bn_weight, bn_bias) need a gradient.
+// needs_input_grad counts only the tensors that were passed: an absent
+// optional (bias, bn_weight, bn_bias) has no edge.
+inline std::array<bool, 5> train_output_mask(
+    torch::autograd::AutogradContext* ctx,
+    bool has_bias,
+    bool has_bn_weight,
+    bool has_bn_bias) {
+  const std::array<bool, 5> passed = {
+      true, true, has_bias, has_bn_weight, has_bn_bias};
+  std::array<bool, 5> output_mask{};
+  size_t edge = 0;
+  for (size_t i = 0; i < passed.size(); ++i) {
+    if (passed[i]) {
+      output_mask[i] = ctx->needs_input_grad(edge++);
+    }
+  }
+  return output_mask;
+}
+
+// A backward op called with grad mode on and an input that requires grad is
+// itself being differentiated (double backward): it must record a graph.
+inline bool records_graph(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight) {
+  auto requires_grad = [](const std::optional<at::Tensor>& t) {
+    return present(t) && t->requires_grad();
+  };
+  return at::GradMode::is_enabled() &&
+      (grad_output.requires_grad() || input.requires_grad() ||
+       weight.requires_grad() || requires_grad(bias) ||
+       requires_grad(bn_weight));
+}
+
+// conv_bn_train's backward written with differentiable ATen ops, for double
+// backward: the statistics are recomputed from input, so that their
+// dependence on input is differentiated too.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+differentiable_conv_bn_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::array<bool, 5> output_mask);
+
+} // namespace convbn
