@@ -67,6 +67,28 @@ void check_conv_bias(
       input.device(), "; move them to the same device");
 }
 
+// Floating-point input, and a weight of its dtype on its device: what the
+// conv and linear ops both ask of their data.
+void check_data_types(
+    const char* op,
+    const at::Tensor& input,
+    const at::Tensor& weight) {
+  TORCH_CHECK(
+      at::isFloatingType(input.scalar_type()),
+      op, ": `input` must be floating point (float32, float64, bfloat16 or "
+      "float16), got ", input.scalar_type(), "; convert it with "
+      "input.float()");
+  TORCH_CHECK(
+      weight.scalar_type() == input.scalar_type(),
+      op, ": `weight` has dtype ", weight.scalar_type(), " but `input` has "
+      "dtype ", input.scalar_type(), "; convert one of them (e.g. "
+      "input.to(weight.dtype)) or run under torch.autocast");
+  TORCH_CHECK(
+      weight.device() == input.device(),
+      op, ": `weight` is on ", weight.device(), " but `input` is on ",
+      input.device(), "; move them to the same device");
+}
+
 void check_pair(const char* op, const char* name, at::IntArrayRef v) {
   TORCH_CHECK(
       v.size() == 2,
@@ -75,6 +97,12 @@ void check_pair(const char* op, const char* name, at::IntArrayRef v) {
 }
 
 } // namespace
+
+void check_eps(const char* op, double eps) {
+  TORCH_CHECK(
+      std::isfinite(eps) && eps > 0,
+      op, ": `eps` must be a positive finite number, got ", eps);
+}
 
 at::ScalarType stats_dtype(at::ScalarType data_dtype) {
   return at::isReducedFloatingType(data_dtype) ? at::kFloat : data_dtype;
@@ -103,20 +131,7 @@ std::vector<c10::SymInt> check_conv_bn_args(
       op, ": expected `weight` of shape (out_channels, in_channels / groups, "
       "kH, kW), but got a ", weight.dim(), "-D tensor of shape ",
       weight.sizes());
-  TORCH_CHECK(
-      at::isFloatingType(input.scalar_type()),
-      op, ": `input` must be floating point (float32, float64, bfloat16 or "
-      "float16), got ", input.scalar_type(), "; convert it with "
-      "input.float()");
-  TORCH_CHECK(
-      weight.scalar_type() == input.scalar_type(),
-      op, ": `weight` has dtype ", weight.scalar_type(), " but `input` has "
-      "dtype ", input.scalar_type(), "; convert one of them (e.g. "
-      "input.to(weight.dtype)) or run under torch.autocast");
-  TORCH_CHECK(
-      weight.device() == input.device(),
-      op, ": `weight` is on ", weight.device(), " but `input` is on ",
-      input.device(), "; move them to the same device");
+  check_data_types(op, input, weight);
   TORCH_CHECK(groups > 0, op, ": `groups` must be positive, got ", groups);
 
   check_pair(op, "stride", stride);
@@ -131,9 +146,7 @@ std::vector<c10::SymInt> check_conv_bn_args(
         padding[i] >= 0, op, ": `padding` must be non-negative, got ",
         padding);
   }
-  TORCH_CHECK(
-      std::isfinite(eps) && eps > 0,
-      op, ": `eps` must be a positive finite number, got ", eps);
+  check_eps(op, eps);
 
   const int64_t out_channels = weight.size(0);
   TORCH_CHECK(
@@ -191,23 +204,8 @@ std::vector<c10::SymInt> check_linear_bn_args(
       weight.dim() == 2,
       op, ": expected `weight` of shape (out_features, in_features), but got "
       "a ", weight.dim(), "-D tensor of shape ", weight.sizes());
-  TORCH_CHECK(
-      at::isFloatingType(input.scalar_type()),
-      op, ": `input` must be floating point (float32, float64, bfloat16 or "
-      "float16), got ", input.scalar_type(), "; convert it with "
-      "input.float()");
-  TORCH_CHECK(
-      weight.scalar_type() == input.scalar_type(),
-      op, ": `weight` has dtype ", weight.scalar_type(), " but `input` has "
-      "dtype ", input.scalar_type(), "; convert one of them (e.g. "
-      "input.to(weight.dtype)) or run under torch.autocast");
-  TORCH_CHECK(
-      weight.device() == input.device(),
-      op, ": `weight` is on ", weight.device(), " but `input` is on ",
-      input.device(), "; move them to the same device");
-  TORCH_CHECK(
-      std::isfinite(eps) && eps > 0,
-      op, ": `eps` must be a positive finite number, got ", eps);
+  check_data_types(op, input, weight);
+  check_eps(op, eps);
   const int64_t out_features = weight.size(0);
   TORCH_CHECK(
       out_features > 0,

@@ -55,6 +55,9 @@ void check_channel_vector(
     int64_t channels,
     const at::Tensor& input);
 
+// batch norm's eps: positive and finite.
+void check_eps(const char* op, double eps);
+
 // Per-channel statistics (save_mean, save_invstd) are kept in float32 for
 // float16/bfloat16 data, as cuDNN and ATen do.
 at::ScalarType stats_dtype(at::ScalarType data_dtype);

@@ -13,7 +13,6 @@
 
 #include <torch/library.h>
 
-#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -45,9 +44,7 @@ void check_fold_args(
   }
   check_channel_vector(op, "running_mean", running_mean, channels, weight);
   check_channel_vector(op, "running_var", running_var, channels, weight);
-  TORCH_CHECK(
-      std::isfinite(eps) && eps > 0,
-      op, ": `eps` must be a positive finite number, got ", eps);
+  check_eps(op, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor> fold_conv_bn_composite(

@@ -47,9 +47,7 @@ void update_running_stats_impl(
       count > 1,
       "Expected more than 1 value per channel when training, got ", count,
       " values per channel");
-  TORCH_CHECK(
-      std::isfinite(eps) && eps > 0,
-      kOp, ": `eps` must be a positive finite number, got ", eps);
+  check_eps(kOp, eps);
   TORCH_CHECK(
       !momentum.has_value() || std::isfinite(*momentum),
       kOp, ": `momentum` must be a finite number, or None for a cumulative "
