@@ -11,6 +11,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace convbn {
@@ -58,6 +59,58 @@ conv_bn_train_backward(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
+    std::array<bool, 5> output_mask);
+
+// conv_bn_train with the batch statistics of all ranks of a torch.distributed
+// process group, as nn.SyncBatchNorm computes them: every rank all-gathers
+// the per-channel (mean, biased variance, count) of its own batch and
+// merges them exactly, so the ranks' batch sizes may differ and a rank may
+// have an empty batch. group_name is the group's registered name
+// (ProcessGroup.group_name in Python, "0" for the default group),
+// group_size its number of ranks; every rank of the group must call it.
+// Returns conv_bn_train's four results and count, a 0-dim int64 CPU tensor:
+// the group's number of values per channel, for update_running_stats and
+// sync_conv_bn_train_backward. Needs a PyTorch built with torch.distributed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    bool memory_efficient = true);
+
+// Backward of sync_conv_bn_train: conv_bn_train_backward with the two
+// per-channel sums of the normalization's backward all-reduced over the
+// group, and count as sync_conv_bn_train returned it. grad_bn_weight and
+// grad_bn_bias are this rank's own, as in nn.SyncBatchNorm: data-parallel
+// training reduces parameter gradients itself. Every rank of the group must
+// call it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& conv_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    const at::Tensor& count,
     std::array<bool, 5> output_mask);
 
 // Updates running statistics in place from conv_bn_train's save_mean and

@@ -27,6 +27,25 @@ TORCH_LIBRARY(convbn, m) {
       "int[2] dilation, int groups, float eps, bool[5] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_bn_weight, Tensor grad_bn_bias)");
+  // conv_bn_train over the ranks of a torch.distributed process group (its
+  // name and size, as torch.distributed's functional collectives take it);
+  // count is the group's number of values per channel, for
+  // update_running_stats and the backward.
+  m.def(
+      "sync_conv_bn_train(Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor? bn_weight, Tensor? bn_bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, float eps, str group_name, "
+      "int group_size, bool memory_efficient=True) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd, "
+      "Tensor conv_output, Tensor count)");
+  m.def(
+      "sync_conv_bn_train_backward(Tensor grad_output, Tensor input, "
+      "Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? conv_output, "
+      "Tensor save_mean, Tensor save_invstd, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, float eps, str group_name, "
+      "int group_size, Tensor count, bool[5] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_bn_weight, Tensor grad_bn_bias)");
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor(c!) num_batches_tracked, Tensor save_mean, Tensor save_invstd, "
@@ -99,6 +118,58 @@ conv_bn_train_backward(
   return op.call(
       grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
       save_invstd, stride, padding, dilation, groups, eps, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    bool memory_efficient) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("convbn::sync_conv_bn_train", "")
+                       .typed<decltype(sync_conv_bn_train)>();
+  return op.call(
+      input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
+      groups, eps, std::move(group_name), group_size, memory_efficient);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& conv_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    const at::Tensor& count,
+    std::array<bool, 5> output_mask) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("convbn::sync_conv_bn_train_backward", "")
+          .typed<decltype(sync_conv_bn_train_backward)>();
+  return op.call(
+      grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
+      save_invstd, stride, padding, dilation, groups, eps,
+      std::move(group_name), group_size, count, output_mask);
 }
 
 void update_running_stats(

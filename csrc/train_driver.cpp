@@ -9,10 +9,17 @@
 // share one forward half (normalize_batch) and one backward half
 // (batch_norm_backward), on a 4-D tensor: the conv output as it is, the
 // linear output (N, C) as an (N, C, 1, 1) channels_last view.
+//
+// The synchronized conv+BN ops run the same code with a process group
+// (distributed/group_statistics.h): the forward merges the ranks'
+// statistics before normalizing, the backward sums the ranks' per-channel
+// gradient sums before computing grad_y. A rank's batch may be empty; it
+// then takes part in the exchange and contributes nothing.
 #include "train_driver.h"
 
 #include "checks.h"
 #include "conv_bn_common.h"
+#include "distributed/group_statistics.h"
 
 namespace convbn {
 
@@ -21,6 +28,8 @@ constexpr const char* kConvTrainOp = "convbn.conv_bn_train";
 constexpr const char* kConvBackwardOp = "convbn.conv_bn_train_backward";
 constexpr const char* kLinearTrainOp = "convbn.linear_bn_train";
 constexpr const char* kLinearBackwardOp = "convbn.linear_bn_train_backward";
+constexpr const char* kSyncTrainOp = "convbn.sync_conv_bn_train";
+constexpr const char* kSyncBackwardOp = "convbn.sync_conv_bn_train_backward";
 
 // A linear map's output (N, C) as the (N, C, 1, 1) tensor the kernels walk,
 // with channels_last strides over the same memory: each sample is one row
@@ -34,15 +43,22 @@ at::Tensor rows_from_4d(const at::Tensor& y) {
   return y.view({y.size(0), y.size(1)});
 }
 
+// Values per channel of a 4-D tensor: all but the channels' dimension.
+int64_t values_per_channel(const at::Tensor& y) {
+  return y.size(0) * y.size(2) * y.size(3);
+}
+
 struct NormalizedBatch {
   at::Tensor output;
   at::Tensor save_mean;
   at::Tensor save_invstd;
   at::Tensor kept_y; // the map's output in save-output mode, else empty
+  int64_t count; // values per channel the statistics are over
 };
 
 // The forward after the linear map. y is its output without bias: 4-D,
 // dense in its suggested memory format, and the caller's to overwrite.
+// With a group, the statistics are the group's (the caller checks count).
 NormalizedBatch normalize_batch(
     const KernelTable& kernels,
     at::Tensor y,
@@ -50,25 +66,37 @@ NormalizedBatch normalize_batch(
     const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias,
     double eps,
-    bool memory_efficient) {
+    bool memory_efficient,
+    const ProcessGroupRef* group = nullptr) {
   const auto acc_dtype = stats_dtype(y.scalar_type());
   const int64_t channels = y.size(1);
-  at::Tensor mean = at::empty({channels}, y.options().dtype(acc_dtype));
-  at::Tensor var = at::empty_like(mean);
-  kernels.batch_mean_var(y, mean, var);
+  int64_t count = values_per_channel(y);
+  at::Tensor mean = at::zeros({channels}, y.options().dtype(acc_dtype));
+  at::Tensor var = at::zeros_like(mean);
+  if (count > 0) { // only an empty batch of a synchronized op has none
+    kernels.batch_mean_var(y, mean, var);
+  }
+  if (group != nullptr) {
+    auto merged = gather_batch_statistics(mean, var, count, *group);
+    mean = std::move(merged.mean);
+    var = std::move(merged.var);
+    count = merged.count;
+  }
   at::Tensor invstd = (var + eps).rsqrt_();
 
   const auto coef = normalize_coefficients(mean, invstd, bn_weight, bn_bias);
   // Memory-efficient mode normalizes in place: the map's output is not
   // kept, the backward recomputes it.
   at::Tensor output = memory_efficient ? y : at::empty_like(y);
-  kernels.channel_affine(output, y, coef.scale, coef.shift, nullptr);
+  if (y.numel() > 0) {
+    kernels.channel_affine(output, y, coef.scale, coef.shift, nullptr);
+  }
 
   at::Tensor save_mean =
       present(bias) ? mean + bias->to(acc_dtype) : std::move(mean);
   at::Tensor kept_y =
       memory_efficient ? at::empty({0}, y.options()) : std::move(y);
-  return {output, save_mean, invstd, kept_y};
+  return {output, save_mean, invstd, kept_y, count};
 }
 
 struct BatchNormGrads {
@@ -80,7 +108,9 @@ struct BatchNormGrads {
 
 // The backward down to the linear map's output. dy and y are 4-D in the
 // same memory format; y_is_scratch says y was recomputed, so grad_y may
-// overwrite it.
+// overwrite it. count is the number of values per channel the statistics
+// were over: y's own, or the group's when group is given, whose ranks then
+// sum their per-channel gradient sums.
 BatchNormGrads batch_norm_backward(
     const KernelTable& kernels,
     const at::Tensor& dy,
@@ -91,14 +121,18 @@ BatchNormGrads batch_norm_backward(
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight,
     const at::Tensor& input,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    int64_t count,
+    const ProcessGroupRef* group = nullptr) {
   const int64_t channels = y.size(1);
   const auto acc_dtype = stats_dtype(y.scalar_type());
   const at::Tensor mean = mean_without_conv_bias(save_mean, bias, acc_dtype);
   const at::Tensor invstd = save_invstd.to(acc_dtype).contiguous();
-  at::Tensor sum_dy = at::empty({channels}, y.options().dtype(acc_dtype));
-  at::Tensor sum_dy_xmu = at::empty_like(sum_dy);
-  kernels.batch_grad_sums(dy, y, mean, sum_dy, sum_dy_xmu);
+  at::Tensor sum_dy = at::zeros({channels}, y.options().dtype(acc_dtype));
+  at::Tensor sum_dy_xmu = at::zeros_like(sum_dy);
+  if (y.numel() > 0) {
+    kernels.batch_grad_sums(dy, y, mean, sum_dy, sum_dy_xmu);
+  }
 
   BatchNormGrads grads;
   const auto param_dtype = bn_param_dtype(bn_weight, input);
@@ -113,13 +147,21 @@ BatchNormGrads batch_norm_backward(
     // constant: the output does not depend on the conv/linear bias at all.
     grads.grad_bias = at::zeros_like(*bias);
   }
+  if (group != nullptr) {
+    // After the parameters' gradients: those stay this rank's own. Every
+    // rank takes part whatever its output_mask, so none waits alone.
+    auto summed = all_reduce_grad_sums(sum_dy, sum_dy_xmu, *group);
+    sum_dy = std::move(summed.sum_dy);
+    sum_dy_xmu = std::move(summed.sum_dy_xmu);
+  }
   if (output_mask[0] || output_mask[1]) {
-    const auto coef = grad_y_coefficients(
-        sum_dy, sum_dy_xmu, invstd, bn_weight,
-        y.size(0) * y.size(2) * y.size(3));
+    const auto coef =
+        grad_y_coefficients(sum_dy, sum_dy_xmu, invstd, bn_weight, count);
     at::Tensor grad_y = y_is_scratch ? y : at::empty_like(y);
-    const CenteredTerm centered{y, coef.b, mean};
-    kernels.channel_affine(grad_y, dy, coef.a, coef.c, &centered);
+    if (y.numel() > 0) {
+      const CenteredTerm centered{y, coef.b, mean};
+      kernels.channel_affine(grad_y, dy, coef.a, coef.c, &centered);
+    }
     grads.grad_y = std::move(grad_y);
   }
   return grads;
@@ -152,6 +194,123 @@ bool needs_recompute(const std::optional<at::Tensor>& kept_output) {
   return !present(kept_output) || kept_output->numel() == 0;
 }
 
+// The group of a synchronized op, checked.
+ProcessGroupRef group_of(
+    const char* op,
+    const std::string& group_name,
+    int64_t group_size) {
+  TORCH_CHECK(
+      group_size >= 1, op, ": `group_size` must be the number of ranks in "
+      "the process group (at least 1), got ", group_size);
+  TORCH_CHECK(
+      !group_name.empty(), op, ": `group_name` is empty; pass the process "
+      "group's name (ProcessGroup.group_name)");
+  return {group_name, group_size};
+}
+
+// conv_bn_train, and with a group sync_conv_bn_train.
+NormalizedBatch conv_bn_forward(
+    const char* op,
+    const KernelTable& kernels,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    bool memory_efficient,
+    const ProcessGroupRef* group) {
+  const auto out_sizes = check_conv_bn_args(
+      op, input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
+      groups, eps);
+  if (group == nullptr) {
+    check_batch_statistics_possible(op, input, out_sizes);
+  }
+  auto result = normalize_batch(
+      kernels,
+      conv_without_bias(input, weight, stride, padding, dilation, groups),
+      bias, bn_weight, bn_bias, eps, memory_efficient, group);
+  // The group's count is known only after the exchange. Every rank has the
+  // same count, so every rank raises alike and none is left waiting.
+  TORCH_CHECK(
+      group == nullptr || result.count > 1,
+      "Expected more than 1 value per channel when training, got ",
+      result.count, " over the ", group ? group->size : 0,
+      " processes of the group (this process has input size ", input.sizes(),
+      "); use larger batches, or call .eval()");
+  return result;
+}
+
+// conv_bn_train_backward, and with a group sync_conv_bn_train_backward;
+// count is the number of values per channel the statistics were over.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_backward(
+    const char* op,
+    const KernelTable& kernels,
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& conv_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::array<bool, 5> output_mask,
+    const ProcessGroupRef* group,
+    std::optional<int64_t> group_count) {
+  // eps is in save_invstd already; the differentiable (double backward)
+  // path in autograd/ needs it to recompute the statistics.
+  const auto out_sizes = check_conv_bn_args(
+      op, input, weight, bias, bn_weight, std::nullopt, stride, padding,
+      dilation, groups, eps);
+  check_backward_args(
+      op, grad_output, out_sizes, input, weight.size(0), save_mean,
+      save_invstd);
+
+  const auto fmt = layout_of(input);
+  const bool recompute = needs_recompute(conv_output);
+  at::Tensor y = recompute
+      ? conv_without_bias(input, weight, stride, padding, dilation, groups)
+      : conv_output->contiguous(fmt);
+  TORCH_CHECK(
+      y.sym_sizes() == c10::SymIntArrayRef(out_sizes),
+      op, ": `conv_output` has shape ", y.sizes(), ", expected ", out_sizes);
+  const int64_t count = group_count.value_or(values_per_channel(y));
+  TORCH_CHECK(
+      count >= values_per_channel(y) && count > 1,
+      op, ": `count` (", count, ") must be the number of values per channel "
+      "over the whole group, which the forward returned: more than 1 and at "
+      "least this process's ", values_per_channel(y));
+  auto bn = batch_norm_backward(
+      kernels, grad_output.contiguous(fmt), y, recompute, save_mean,
+      save_invstd, bias, bn_weight, input, output_mask, count, group);
+
+  at::Tensor grad_input, grad_weight;
+  if (output_mask[0] || output_mask[1]) {
+    auto grads = at::convolution_backward(
+        bn.grad_y, input, weight, /*bias_sizes=*/std::nullopt, stride, padding,
+        dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+        {output_mask[0], output_mask[1], false});
+    if (output_mask[0]) {
+      grad_input = std::get<0>(grads).contiguous(fmt);
+    }
+    if (output_mask[1]) {
+      grad_weight = std::get<1>(grads).contiguous(layout_of(weight));
+    }
+  }
+  return {grad_input, grad_weight, bn.grad_bias, bn.grad_bn_weight,
+          bn.grad_bn_bias};
+}
+
 } // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_forward(
@@ -167,14 +326,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_forward
     int64_t groups,
     double eps,
     bool memory_efficient) {
-  const auto out_sizes = check_conv_bn_args(
-      kConvTrainOp, input, weight, bias, bn_weight, bn_bias, stride, padding,
-      dilation, groups, eps);
-  check_batch_statistics_possible(kConvTrainOp, input, out_sizes);
-  auto result = normalize_batch(
-      kernels,
-      conv_without_bias(input, weight, stride, padding, dilation, groups),
-      bias, bn_weight, bn_bias, eps, memory_efficient);
+  auto result = conv_bn_forward(
+      kConvTrainOp, kernels, input, weight, bias, bn_weight, bn_bias, stride,
+      padding, dilation, groups, eps, memory_efficient, nullptr);
   return {result.output, result.save_mean, result.save_invstd, result.kept_y};
 }
 
@@ -195,43 +349,67 @@ conv_bn_train_backward_impl(
     int64_t groups,
     double eps,
     std::array<bool, 5> output_mask) {
-  // eps is in save_invstd already; the differentiable (double backward)
-  // path in autograd/ needs it to recompute the statistics.
-  const auto out_sizes = check_conv_bn_args(
-      kConvBackwardOp, input, weight, bias, bn_weight, std::nullopt, stride,
-      padding, dilation, groups, eps);
-  check_backward_args(
-      kConvBackwardOp, grad_output, out_sizes, input, weight.size(0),
-      save_mean, save_invstd);
+  return conv_bn_backward(
+      kConvBackwardOp, kernels, grad_output, input, weight, bias, bn_weight,
+      conv_output, save_mean, save_invstd, stride, padding, dilation, groups,
+      eps, output_mask, nullptr, std::nullopt);
+}
 
-  const auto fmt = layout_of(input);
-  const bool recompute = needs_recompute(conv_output);
-  at::Tensor y = recompute
-      ? conv_without_bias(input, weight, stride, padding, dilation, groups)
-      : conv_output->contiguous(fmt);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train_forward(
+    const KernelTable& kernels,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    const std::string& group_name,
+    int64_t group_size,
+    bool memory_efficient) {
+  const auto group = group_of(kSyncTrainOp, group_name, group_size);
+  auto result = conv_bn_forward(
+      kSyncTrainOp, kernels, input, weight, bias, bn_weight, bn_bias, stride,
+      padding, dilation, groups, eps, memory_efficient, &group);
+  return {result.output, result.save_mean, result.save_invstd, result.kept_y,
+          at::scalar_tensor(result.count, at::kLong)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train_backward_impl(
+    const KernelTable& kernels,
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& conv_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    const std::string& group_name,
+    int64_t group_size,
+    const at::Tensor& count,
+    std::array<bool, 5> output_mask) {
+  const auto group = group_of(kSyncBackwardOp, group_name, group_size);
   TORCH_CHECK(
-      y.sym_sizes() == c10::SymIntArrayRef(out_sizes),
-      kConvBackwardOp, ": `conv_output` has shape ", y.sizes(), ", expected ",
-      out_sizes);
-  auto bn = batch_norm_backward(
-      kernels, grad_output.contiguous(fmt), y, recompute, save_mean,
-      save_invstd, bias, bn_weight, input, output_mask);
-
-  at::Tensor grad_input, grad_weight;
-  if (output_mask[0] || output_mask[1]) {
-    auto grads = at::convolution_backward(
-        bn.grad_y, input, weight, /*bias_sizes=*/std::nullopt, stride, padding,
-        dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
-        {output_mask[0], output_mask[1], false});
-    if (output_mask[0]) {
-      grad_input = std::get<0>(grads).contiguous(fmt);
-    }
-    if (output_mask[1]) {
-      grad_weight = std::get<1>(grads).contiguous(layout_of(weight));
-    }
-  }
-  return {grad_input, grad_weight, bn.grad_bias, bn.grad_bn_weight,
-          bn.grad_bn_bias};
+      count.numel() == 1 && !at::isFloatingType(count.scalar_type()) &&
+          !count.is_complex(),
+      kSyncBackwardOp, ": `count` must be the one-element integer tensor "
+      "sync_conv_bn_train returned, got ", count.scalar_type(), " of shape ",
+      count.sizes());
+  return conv_bn_backward(
+      kSyncBackwardOp, kernels, grad_output, input, weight, bias, bn_weight,
+      conv_output, save_mean, save_invstd, stride, padding, dilation, groups,
+      eps, output_mask, &group, count.item<int64_t>());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -285,7 +463,8 @@ linear_bn_train_backward_impl(
       ", expected ", out_sizes);
   auto bn = batch_norm_backward(
       kernels, rows_as_4d(grad_output.contiguous()), rows_as_4d(y), recompute,
-      save_mean, save_invstd, bias, bn_weight, input, output_mask);
+      save_mean, save_invstd, bias, bn_weight, input, output_mask,
+      y.size(0));
 
   at::Tensor grad_input, grad_weight;
   if (output_mask[0] || output_mask[1]) {

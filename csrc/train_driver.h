@@ -10,6 +10,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace convbn {
@@ -46,6 +47,46 @@ conv_bn_train_backward_impl(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
+    std::array<bool, 5> output_mask);
+
+// sync_conv_bn_train with the given device kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train_forward(
+    const KernelTable& kernels,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    const std::string& group_name,
+    int64_t group_size,
+    bool memory_efficient);
+
+// sync_conv_bn_train_backward with the given device kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train_backward_impl(
+    const KernelTable& kernels,
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& conv_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    const std::string& group_name,
+    int64_t group_size,
+    const at::Tensor& count,
     std::array<bool, 5> output_mask);
 
 // linear_bn_train with the given device kernels.
@@ -120,6 +161,55 @@ conv_bn_train_backward_kernel(
       Table(), grad_output, input, weight, bias, bn_weight, conv_output,
       save_mean, save_invstd, stride, padding, dilation, groups, eps,
       output_mask);
+}
+
+template <const KernelTable& (*Table)()>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train_kernel(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    bool memory_efficient) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(input));
+  return sync_conv_bn_train_forward(
+      Table(), input, weight, bias, bn_weight, bn_bias, stride, padding,
+      dilation, groups, eps, group_name, group_size, memory_efficient);
+}
+
+template <const KernelTable& (*Table)()>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train_backward_kernel(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& conv_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    const at::Tensor& count,
+    std::array<bool, 5> output_mask) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(input));
+  return sync_conv_bn_train_backward_impl(
+      Table(), grad_output, input, weight, bias, bn_weight, conv_output,
+      save_mean, save_invstd, stride, padding, dilation, groups, eps,
+      group_name, group_size, count, output_mask);
 }
 
 template <const KernelTable& (*Table)()>

@@ -1,4 +1,5 @@
-// Autocast for conv_bn_train and conv_bn_eval (CUDA and CPU autocast keys):
+// Autocast for conv_bn_train, sync_conv_bn_train and conv_bn_eval (CUDA and
+// CPU autocast keys):
 // the input, the conv weight and the conv bias are cast to the autocast
 // dtype (the conv runs in it), while bn_weight/bn_bias and the running
 // statistics stay as they are (float32 is accepted with float16/bfloat16
@@ -38,6 +39,30 @@ conv_bn_train_autocast(
 }
 
 template <c10::DispatchKey AutocastKey, c10::DeviceType Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train_autocast(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    bool memory_efficient) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(AutocastKey);
+  const AutocastCast<Device> cast;
+  return sync_conv_bn_train(
+      cast(input), cast(weight), cast(bias), bn_weight, bn_bias, stride,
+      padding, dilation, groups, eps, std::move(group_name), group_size,
+      memory_efficient);
+}
+
+template <c10::DispatchKey AutocastKey, c10::DeviceType Device>
 at::Tensor conv_bn_eval_autocast(
     const at::Tensor& input,
     const at::Tensor& weight,
@@ -63,12 +88,18 @@ at::Tensor conv_bn_eval_autocast(
 TORCH_LIBRARY_IMPL(convbn, AutocastCUDA, m) {
   constexpr auto key = c10::DispatchKey::AutocastCUDA;
   m.impl("conv_bn_train", &conv_bn_train_autocast<key, c10::DeviceType::CUDA>);
+  m.impl(
+      "sync_conv_bn_train",
+      &sync_conv_bn_train_autocast<key, c10::DeviceType::CUDA>);
   m.impl("conv_bn_eval", &conv_bn_eval_autocast<key, c10::DeviceType::CUDA>);
 }
 
 TORCH_LIBRARY_IMPL(convbn, AutocastCPU, m) {
   constexpr auto key = c10::DispatchKey::AutocastCPU;
   m.impl("conv_bn_train", &conv_bn_train_autocast<key, c10::DeviceType::CPU>);
+  m.impl(
+      "sync_conv_bn_train",
+      &sync_conv_bn_train_autocast<key, c10::DeviceType::CPU>);
   m.impl("conv_bn_eval", &conv_bn_eval_autocast<key, c10::DeviceType::CPU>);
 }
 

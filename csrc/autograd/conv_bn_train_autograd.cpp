@@ -1,5 +1,6 @@
-// Autograd for conv_bn_train: one node in the graph whose backward calls the
-// conv_bn_train_backward operator through the dispatcher.
+// Autograd for conv_bn_train and sync_conv_bn_train: one node in the graph
+// whose backward calls conv_bn_train_backward (or
+// sync_conv_bn_train_backward) through the dispatcher.
 //
 // What the node keeps (the memory saving): input, weight, conv bias and
 // bn_weight, plus the per-channel save_mean/save_invstd. In memory-efficient
@@ -11,7 +12,9 @@
 // any call with grad mode on and inputs that require grad), it computes the
 // gradients from differentiable ATen ops, recomputing the statistics from
 // input so that their dependence on input is part of the graph, as ATen's
-// batchnorm_double_backward does. Otherwise it runs the fast kernels.
+// batchnorm_double_backward does. Otherwise it runs the fast kernels. The
+// synchronized backward has no double backward (nor has nn.SyncBatchNorm's):
+// its statistics depend on other processes' inputs.
 #include "train_autograd_common.h"
 
 #include "../checks.h"
@@ -27,9 +30,17 @@ using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;
 
+// The process group of sync_conv_bn_train; absent for conv_bn_train.
+struct SyncGroup {
+  std::string name;
+  int64_t size;
+};
+
 class ConvBNTrainFunction
     : public torch::autograd::Function<ConvBNTrainFunction> {
  public:
+  static constexpr size_t kNumInputs = 13;
+
   static variable_list forward(
       AutogradContext* ctx,
       const Variable& input,
@@ -42,11 +53,24 @@ class ConvBNTrainFunction
       at::IntArrayRef dilation,
       int64_t groups,
       double eps,
-      bool memory_efficient) {
+      bool memory_efficient,
+      const std::optional<SyncGroup>& group) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, save_mean, save_invstd, conv_output] = conv_bn_train(
-        input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-        groups, eps, memory_efficient);
+    at::Tensor output, save_mean, save_invstd, conv_output, count;
+    if (group.has_value()) {
+      std::tie(output, save_mean, save_invstd, conv_output, count) =
+          sync_conv_bn_train(
+              input, weight, bias, bn_weight, bn_bias, stride, padding,
+              dilation, groups, eps, group->name, group->size,
+              memory_efficient);
+      ctx->saved_data["group_name"] = group->name;
+      ctx->saved_data["group_size"] = group->size;
+      ctx->saved_data["output_sizes"] = output.sizes();
+    } else {
+      std::tie(output, save_mean, save_invstd, conv_output) = conv_bn_train(
+          input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
+          groups, eps, memory_efficient);
+    }
 
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
@@ -56,38 +80,70 @@ class ConvBNTrainFunction
     ctx->saved_data["has_bn_bias"] = present(bn_bias);
     ctx->save_for_backward(
         {input, weight, bias.value_or(Variable()),
-         bn_weight.value_or(Variable()), conv_output, save_mean,
-         save_invstd});
-    ctx->mark_non_differentiable({save_mean, save_invstd, conv_output});
+         bn_weight.value_or(Variable()), conv_output, save_mean, save_invstd,
+         count});
+    variable_list outputs{output, save_mean, save_invstd, conv_output};
+    if (count.defined()) {
+      outputs.push_back(count);
+    }
+    ctx->mark_non_differentiable(
+        variable_list(outputs.begin() + 1, outputs.end()));
     // Only `output` carries a gradient. Without this, autograd would fill a
     // zero tensor of the conv output's size for conv_output on every
     // backward in save-output mode.
     ctx->set_materialize_grads(false);
-    return {output, save_mean, save_invstd, conv_output};
+    return outputs;
   }
 
   static variable_list backward(
       AutogradContext* ctx,
       const variable_list& grad_outputs) {
-    if (!grad_outputs[0].defined()) {
-      return variable_list(11);
+    const bool synchronized = ctx->saved_data.count("group_name") > 0;
+    at::Tensor grad_output = grad_outputs[0];
+    if (!grad_output.defined()) {
+      if (!synchronized) {
+        return variable_list(kNumInputs);
+      }
+      // The other ranks wait for this rank's sums: take part with zeros.
+      grad_output = at::zeros(
+          ctx->saved_data["output_sizes"].toIntVector(),
+          ctx->get_saved_variables()[0].options());
     }
     const auto saved = ctx->get_saved_variables();
     const auto output_mask = train_output_mask(
         ctx, saved[2].defined(), saved[3].defined(),
         ctx->saved_data["has_bn_bias"].toBool());
-    auto [grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias] =
-        conv_bn_train_backward(
-            grad_outputs[0], saved[0], saved[1], optional_of(saved[2]),
-            optional_of(saved[3]), optional_of(saved[4]), saved[5], saved[6],
-            ctx->saved_data["stride"].toIntVector(),
-            ctx->saved_data["padding"].toIntVector(),
-            ctx->saved_data["dilation"].toIntVector(),
-            ctx->saved_data["groups"].toInt(),
-            ctx->saved_data["eps"].toDouble(), output_mask);
-    return {grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias,
-            Variable(),  Variable(),  Variable(), Variable(),     Variable(),
-            Variable()};
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    const auto groups = ctx->saved_data["groups"].toInt();
+    const auto eps = ctx->saved_data["eps"].toDouble();
+    at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
+    if (synchronized) {
+      std::tie(grad_input, grad_weight, grad_bias, grad_bn_weight,
+               grad_bn_bias) =
+          sync_conv_bn_train_backward(
+              grad_output, saved[0], saved[1], optional_of(saved[2]),
+              optional_of(saved[3]), optional_of(saved[4]), saved[5],
+              saved[6], stride, padding, dilation, groups, eps,
+              ctx->saved_data["group_name"].toStringRef(),
+              ctx->saved_data["group_size"].toInt(),
+              saved[7], output_mask);
+    } else {
+      std::tie(grad_input, grad_weight, grad_bias, grad_bn_weight,
+               grad_bn_bias) =
+          conv_bn_train_backward(
+              grad_output, saved[0], saved[1], optional_of(saved[2]),
+              optional_of(saved[3]), optional_of(saved[4]), saved[5],
+              saved[6], stride, padding, dilation, groups, eps, output_mask);
+    }
+    variable_list grads(kNumInputs);
+    grads[0] = grad_input;
+    grads[1] = grad_weight;
+    grads[2] = grad_bias;
+    grads[3] = grad_bn_weight;
+    grads[4] = grad_bn_bias;
+    return grads;
   }
 };
 
@@ -106,7 +162,7 @@ conv_bn_train_autograd(
     bool memory_efficient) {
   auto result = ConvBNTrainFunction::apply(
       input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-      groups, eps, memory_efficient);
+      groups, eps, memory_efficient, std::optional<SyncGroup>());
   return {result[0], result[1], result[2], result[3]};
 }
 
@@ -135,6 +191,60 @@ conv_bn_train_backward_autograd(
   return conv_bn_train_backward(
       grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
       save_invstd, stride, padding, dilation, groups, eps, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train_autograd(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    bool memory_efficient) {
+  auto result = ConvBNTrainFunction::apply(
+      input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
+      groups, eps, memory_efficient,
+      std::optional<SyncGroup>(SyncGroup{std::move(group_name), group_size}));
+  return {result[0], result[1], result[2], result[3], result[4]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_conv_bn_train_backward_autograd(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& conv_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    const at::Tensor& count,
+    std::array<bool, 5> output_mask) {
+  TORCH_CHECK(
+      !records_graph(grad_output, input, weight, bias, bn_weight),
+      "convbn.sync_conv_bn_train_backward: double backward (create_graph=True "
+      "through a synchronized conv+BN) is not supported, as with "
+      "nn.SyncBatchNorm; use ConvBN2d on one process for higher-order "
+      "gradients");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return sync_conv_bn_train_backward(
+      grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
+      save_invstd, stride, padding, dilation, groups, eps,
+      std::move(group_name), group_size, count, output_mask);
 }
 
 } // namespace
@@ -196,6 +306,9 @@ differentiable_conv_bn_backward(
 TORCH_LIBRARY_IMPL(convbn, Autograd, m) {
   m.impl("conv_bn_train", &conv_bn_train_autograd);
   m.impl("conv_bn_train_backward", &conv_bn_train_backward_autograd);
+  m.impl("sync_conv_bn_train", &sync_conv_bn_train_autograd);
+  m.impl(
+      "sync_conv_bn_train_backward", &sync_conv_bn_train_backward_autograd);
 }
 
 } // namespace convbn

@@ -56,6 +56,28 @@ def _conv_bn_train_backward_fake(
     return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
 
 
+@torch.library.register_fake("convbn::sync_conv_bn_train")
+def _sync_conv_bn_train_fake(
+    input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
+    group_name, group_size, memory_efficient=True,
+):
+    results = _conv_bn_train_fake(
+        input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, memory_efficient
+    )
+    # count: the group's values per channel, a host-side 0-dim int64 tensor.
+    return (*results, torch.empty((), dtype=torch.long, device="cpu"))
+
+
+@torch.library.register_fake("convbn::sync_conv_bn_train_backward")
+def _sync_conv_bn_train_backward_fake(
+    grad_output, input, weight, bias, bn_weight, conv_output, save_mean, save_invstd,
+    stride, padding, dilation, groups, eps, group_name, group_size, count, output_mask,
+):
+    _check_same_device("convbn.sync_conv_bn_train_backward", input, grad_output=grad_output,
+                       weight=weight, bias=bias, bn_weight=bn_weight)
+    return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
+
+
 @torch.library.register_fake("convbn::linear_bn_train")
 def _linear_bn_train_fake(input, weight, bias, bn_weight, bn_bias, eps, memory_efficient=True):
     _check_same_device("convbn.linear_bn_train", input, weight=weight, bias=bias,

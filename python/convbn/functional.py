@@ -115,10 +115,17 @@ def _conv_bn_prepared(
     dilation: List[int],
     groups: int,
     memory_efficient: bool,
+    group_name: Optional[str] = None,
+    group_size: int = 1,
 ) -> Tensor:
     """conv_bn with stride, padding and dilation already as [h, w] lists and
     any 'same' padding already applied: what ConvBN2d.forward calls. It is
-    TorchScript-compatible, so scripted models call the operators directly."""
+    TorchScript-compatible, so scripted models call the operators directly.
+
+    With group_name (SyncConvBN2d), training uses the batch statistics of
+    all group_size ranks of that process group, and the running statistics
+    take the group's statistics and count, so they are the same on every
+    rank."""
     if not training:
         mean, var = _eval_statistics(running_mean, running_var)
         return torch.ops.convbn.conv_bn_eval(
@@ -127,13 +134,20 @@ def _conv_bn_prepared(
         )
 
     _check_statistics(running_mean, running_var, num_batches_tracked, momentum)
-    output, save_mean, save_invstd, _ = torch.ops.convbn.conv_bn_train(
-        input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
-        memory_efficient,
-    )
+    if group_name is None:
+        output, save_mean, save_invstd, _ = torch.ops.convbn.conv_bn_train(
+            input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
+            memory_efficient,
+        )
+        count = output.shape[0] * output.shape[2] * output.shape[3]
+    else:
+        output, save_mean, save_invstd, _, group_count = torch.ops.convbn.sync_conv_bn_train(
+            input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
+            group_name, group_size, memory_efficient,
+        )
+        count = int(group_count.item())
     _update_statistics(
-        running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum,
-        output.shape[0] * output.shape[2] * output.shape[3],
+        running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum, count,
     )
     return output
 

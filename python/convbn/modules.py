@@ -232,6 +232,11 @@ class ConvBN2d(_FusedBatchNorm):
         # TorchScript compiles this method: it sticks to typed attributes
         # (lists, Optional tensors, constants) and calls the operators through
         # functional._conv_bn_prepared.
+        return self._normalize(self._padded(input))
+
+    def _padded(self, input: Tensor) -> Tensor:
+        """input, checked, with the padding the conv does not apply itself
+        (non-zero padding modes, the odd remainder of 'same')."""
         if input.dim() != 4:
             hint = " (add the batch dimension with input.unsqueeze(0))" if input.dim() == 3 else ""
             raise ValueError(
@@ -241,6 +246,11 @@ class ConvBN2d(_FusedBatchNorm):
         if any(self._input_pad):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             input = F.pad(input, self._input_pad, mode=mode)
+        return input
+
+    def _normalize(self, input: Tensor) -> Tensor:
+        """conv + batch norm of the padded input, with this process's
+        statistics."""
         use_batch_stats, running_mean, running_var, num_batches_tracked = self._statistics()
         if not use_batch_stats and not torch.jit.is_scripting() and self._can_use_folded_cache():
             weight, bias = self._folded()
