@@ -1,11 +1,13 @@
 """Communication overhead of SyncConvBN2d: two processes with gloo on the CPU.
 
 Each process trains on its own batch (the same size on both). Per conv+BN
-shape it times one training step (forward + backward) of
+(and linear+BN) shape it times one training step (forward + backward) of
   - nn.Conv2d + nn.BatchNorm2d   (per-process statistics; the reference)
   - ConvBN2d                     (per-process statistics, no communication)
   - SyncConvBN2d                 (statistics over both processes: one
                                   all-gather forward, one all-reduce backward)
+(nn.Linear + nn.BatchNorm1d, LinearBN1d and SyncLinearBN1d for the linear
+shape)
 and, for a whole network, one DistributedDataParallel step of convbn's
 ResNet-18 with ConvBN2d and with SyncConvBN2d layers (DDP's own gradient
 all-reduce is in both). For comparison it also times the two collectives
@@ -34,8 +36,10 @@ from torch import nn
 import convbn
 
 WORLD = 2
-# (name, in_channels, out_channels, kernel, stride, padding, batch per process, height/width)
+# (name, in_channels, out_channels, kernel, stride, padding, batch per process,
+# height/width); kernel None is a linear layer on (batch, in_channels).
 SHAPES = [
+    ("LeNet fc1 (400->120, linear)", 400, 120, None, None, None, 128, None),
     ("LeNet conv2 (6->16, 5x5)", 6, 16, 5, 1, 0, 128, 14),
     ("ResNet-18 layer1 (64->64, 3x3)", 64, 64, 3, 1, 1, 8, 56),
     ("ResNet-18 layer3 (256->256, 3x3)", 256, 256, 3, 1, 1, 8, 14),
@@ -51,15 +55,20 @@ def timed(fn, repeats_out, key):
 
 
 def layer_contenders(shape):
+    """The nn pair, the fused module and its synchronized form, labelled as
+    the table's columns."""
     _, cin, cout, k, stride, padding, _, _ = shape
     torch.manual_seed(0)
-    conv = nn.Conv2d(cin, cout, k, stride, padding, bias=False)
-    bn = nn.BatchNorm2d(cout)
-    pair = nn.Sequential(conv, bn)
+    if k is None:
+        layer, bn = nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout)
+        fused, synced = convbn.LinearBN1d, convbn.SyncLinearBN1d
+    else:
+        layer, bn = nn.Conv2d(cin, cout, k, stride, padding, bias=False), nn.BatchNorm2d(cout)
+        fused, synced = convbn.ConvBN2d, convbn.SyncConvBN2d
     return {
-        "nn pair": pair,
-        "ConvBN2d": convbn.ConvBN2d.from_modules(conv, bn),
-        "SyncConvBN2d": convbn.SyncConvBN2d.from_modules(conv, bn),
+        "nn pair": nn.Sequential(layer, bn),
+        "ConvBN2d": fused.from_modules(layer, bn),
+        "SyncConvBN2d": synced.from_modules(layer, bn),
     }
 
 
@@ -90,7 +99,7 @@ def worker(rank, store, args, out_path):
     for shape in SHAPES:
         name, cin, *_, batch, size = shape
         torch.manual_seed(rank)
-        x = torch.randn(batch, cin, size, size)
+        x = torch.randn(batch, cin) if size is None else torch.randn(batch, cin, size, size)
         contenders = layer_contenders(shape)
         contenders["collectives alone"] = None
         times = {}
@@ -104,7 +113,8 @@ def worker(rank, store, args, out_path):
         for _ in range(args.repeats):
             for label, step in steps.items():
                 timed(step, times, label)
-        rows.append((name, f"{WORLD} x {batch}x{cin}x{size}x{size}", {k: statistics.median(v) for k, v in times.items()}))
+        shape_text = f"{batch}x{cin}" if size is None else f"{batch}x{cin}x{size}x{size}"
+        rows.append((name, f"{WORLD} x {shape_text}", {k: statistics.median(v) for k, v in times.items()}))
 
     # A whole network under DDP: ResNet-18 (convbn.models), fused.
     torch.manual_seed(0)
@@ -138,7 +148,8 @@ def markdown(rows, args):
         f"{datetime.date.today().isoformat()}. Medians of {args.repeats} training steps (forward + backward); "
         "ratios against the nn pair of the same run (per-process statistics, no communication).",
         "",
-        "| shape | batch (processes x per process) | nn pair ms | ConvBN2d ms (ratio) | SyncConvBN2d ms (ratio) "
+        "| shape | batch (processes x per process) | nn pair ms | ConvBN2d / LinearBN1d ms (ratio) "
+        "| SyncConvBN2d / SyncLinearBN1d ms (ratio) "
         "| sync overhead per step, ms (vs ConvBN2d) | the two collectives alone, ms |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]

@@ -189,6 +189,37 @@ linear_bn_train_backward(
     double eps,
     std::array<bool, 5> output_mask);
 
+// linear_bn_train with the batch statistics of all ranks of a process
+// group, with sync_conv_bn_train's arguments, results and rules.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_linear_bn_train(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    bool memory_efficient = true);
+
+// Backward of sync_linear_bn_train, as sync_conv_bn_train_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_linear_bn_train_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& linear_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    const at::Tensor& count,
+    std::array<bool, 5> output_mask);
+
 // Inference of Linear + BatchNorm1d: the running statistics folded into the
 // linear weight and bias, one matmul. Differentiable like conv_bn_eval.
 at::Tensor linear_bn_eval(

@@ -70,6 +70,21 @@ TORCH_LIBRARY(convbn, m) {
       "Tensor save_mean, Tensor save_invstd, float eps, bool[5] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_bn_weight, Tensor grad_bn_bias)");
+  // linear_bn_train over the ranks of a process group, as
+  // sync_conv_bn_train.
+  m.def(
+      "sync_linear_bn_train(Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor? bn_weight, Tensor? bn_bias, float eps, str group_name, "
+      "int group_size, bool memory_efficient=True) -> (Tensor output, "
+      "Tensor save_mean, Tensor save_invstd, Tensor linear_output, "
+      "Tensor count)");
+  m.def(
+      "sync_linear_bn_train_backward(Tensor grad_output, Tensor input, "
+      "Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? linear_output, "
+      "Tensor save_mean, Tensor save_invstd, float eps, str group_name, "
+      "int group_size, Tensor count, bool[5] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_bn_weight, Tensor grad_bn_bias)");
   m.def(
       "linear_bn_eval(Tensor input, Tensor weight, Tensor? bias, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
@@ -261,6 +276,50 @@ linear_bn_train_backward(
   return op.call(
       grad_output, input, weight, bias, bn_weight, linear_output, save_mean,
       save_invstd, eps, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_linear_bn_train(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    bool memory_efficient) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("convbn::sync_linear_bn_train", "")
+                       .typed<decltype(sync_linear_bn_train)>();
+  return op.call(
+      input, weight, bias, bn_weight, bn_bias, eps, std::move(group_name),
+      group_size, memory_efficient);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_linear_bn_train_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& linear_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    const at::Tensor& count,
+    std::array<bool, 5> output_mask) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("convbn::sync_linear_bn_train_backward", "")
+          .typed<decltype(sync_linear_bn_train_backward)>();
+  return op.call(
+      grad_output, input, weight, bias, bn_weight, linear_output, save_mean,
+      save_invstd, eps, std::move(group_name), group_size, count,
+      output_mask);
 }
 
 at::Tensor linear_bn_eval(

@@ -30,6 +30,9 @@ constexpr const char* kLinearTrainOp = "convbn.linear_bn_train";
 constexpr const char* kLinearBackwardOp = "convbn.linear_bn_train_backward";
 constexpr const char* kSyncTrainOp = "convbn.sync_conv_bn_train";
 constexpr const char* kSyncBackwardOp = "convbn.sync_conv_bn_train_backward";
+constexpr const char* kSyncLinearTrainOp = "convbn.sync_linear_bn_train";
+constexpr const char* kSyncLinearBackwardOp =
+    "convbn.sync_linear_bn_train_backward";
 
 // A linear map's output (N, C) as the (N, C, 1, 1) tensor the kernels walk,
 // with channels_last strides over the same memory: each sample is one row
@@ -71,10 +74,13 @@ NormalizedBatch normalize_batch(
   const auto acc_dtype = stats_dtype(y.scalar_type());
   const int64_t channels = y.size(1);
   int64_t count = values_per_channel(y);
-  at::Tensor mean = at::zeros({channels}, y.options().dtype(acc_dtype));
-  at::Tensor var = at::zeros_like(mean);
-  if (count > 0) { // only an empty batch of a synchronized op has none
+  at::Tensor mean = at::empty({channels}, y.options().dtype(acc_dtype));
+  at::Tensor var = at::empty_like(mean);
+  if (count > 0) {
     kernels.batch_mean_var(y, mean, var);
+  } else { // only a synchronized op's rank may have an empty batch
+    mean.zero_();
+    var.zero_();
   }
   if (group != nullptr) {
     auto merged = gather_batch_statistics(mean, var, count, *group);
@@ -128,10 +134,13 @@ BatchNormGrads batch_norm_backward(
   const auto acc_dtype = stats_dtype(y.scalar_type());
   const at::Tensor mean = mean_without_conv_bias(save_mean, bias, acc_dtype);
   const at::Tensor invstd = save_invstd.to(acc_dtype).contiguous();
-  at::Tensor sum_dy = at::zeros({channels}, y.options().dtype(acc_dtype));
-  at::Tensor sum_dy_xmu = at::zeros_like(sum_dy);
+  at::Tensor sum_dy = at::empty({channels}, y.options().dtype(acc_dtype));
+  at::Tensor sum_dy_xmu = at::empty_like(sum_dy);
   if (y.numel() > 0) {
     kernels.batch_grad_sums(dy, y, mean, sum_dy, sum_dy_xmu);
+  } else {
+    sum_dy.zero_();
+    sum_dy_xmu.zero_();
   }
 
   BatchNormGrads grads;
@@ -208,6 +217,40 @@ ProcessGroupRef group_of(
   return {group_name, group_size};
 }
 
+// The group's values per channel, as the synchronized forward returned it.
+int64_t count_of(const char* op, const at::Tensor& count) {
+  TORCH_CHECK(
+      count.numel() == 1 && !at::isFloatingType(count.scalar_type()) &&
+          !count.is_complex(),
+      op, ": `count` must be the one-element integer tensor the forward "
+      "returned, got ", count.scalar_type(), " of shape ", count.sizes());
+  return count.item<int64_t>();
+}
+
+// What a synchronized forward checks once the exchange gave the group's
+// count. Every rank has the same count, so every rank raises alike and none
+// is left waiting.
+void check_group_count(
+    const at::Tensor& input,
+    int64_t count,
+    const ProcessGroupRef& group) {
+  TORCH_CHECK(
+      count > 1,
+      "Expected more than 1 value per channel when training, got ", count,
+      " over the ", group.size, " processes of the group (this process has "
+      "input size ", input.sizes(), "); use larger batches, or call .eval()");
+}
+
+// What a synchronized backward checks of the count it is given: the
+// statistics were over at least this process's values, and more than one.
+void check_backward_count(const char* op, int64_t count, int64_t local) {
+  TORCH_CHECK(
+      count >= local && count > 1,
+      op, ": `count` (", count, ") must be the number of values per channel "
+      "over the whole group, which the forward returned: more than 1 and at "
+      "least this process's ", local);
+}
+
 // conv_bn_train, and with a group sync_conv_bn_train.
 NormalizedBatch conv_bn_forward(
     const char* op,
@@ -234,14 +277,9 @@ NormalizedBatch conv_bn_forward(
       kernels,
       conv_without_bias(input, weight, stride, padding, dilation, groups),
       bias, bn_weight, bn_bias, eps, memory_efficient, group);
-  // The group's count is known only after the exchange. Every rank has the
-  // same count, so every rank raises alike and none is left waiting.
-  TORCH_CHECK(
-      group == nullptr || result.count > 1,
-      "Expected more than 1 value per channel when training, got ",
-      result.count, " over the ", group ? group->size : 0,
-      " processes of the group (this process has input size ", input.sizes(),
-      "); use larger batches, or call .eval()");
+  if (group != nullptr) {
+    check_group_count(input, result.count, *group);
+  }
   return result;
 }
 
@@ -285,11 +323,9 @@ conv_bn_backward(
       y.sym_sizes() == c10::SymIntArrayRef(out_sizes),
       op, ": `conv_output` has shape ", y.sizes(), ", expected ", out_sizes);
   const int64_t count = group_count.value_or(values_per_channel(y));
-  TORCH_CHECK(
-      count >= values_per_channel(y) && count > 1,
-      op, ": `count` (", count, ") must be the number of values per channel "
-      "over the whole group, which the forward returned: more than 1 and at "
-      "least this process's ", values_per_channel(y));
+  if (group_count.has_value()) {
+    check_backward_count(op, count, values_per_channel(y));
+  }
   auto bn = batch_norm_backward(
       kernels, grad_output.contiguous(fmt), y, recompute, save_mean,
       save_invstd, bias, bn_weight, input, output_mask, count, group);
@@ -305,6 +341,89 @@ conv_bn_backward(
     }
     if (output_mask[1]) {
       grad_weight = std::get<1>(grads).contiguous(layout_of(weight));
+    }
+  }
+  return {grad_input, grad_weight, bn.grad_bias, bn.grad_bn_weight,
+          bn.grad_bn_bias};
+}
+
+// linear_bn_train, and with a group sync_linear_bn_train.
+NormalizedBatch linear_bn_forward(
+    const char* op,
+    const KernelTable& kernels,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps,
+    bool memory_efficient,
+    const ProcessGroupRef* group) {
+  const auto out_sizes = check_linear_bn_args(
+      op, input, weight, bias, bn_weight, bn_bias, eps);
+  if (group == nullptr) {
+    check_batch_statistics_possible(op, input, out_sizes);
+  }
+  // at::mm gives a fresh contiguous (N, C) tensor the kernels may overwrite.
+  auto result = normalize_batch(
+      kernels, rows_as_4d(at::mm(input, weight.t())), bias, bn_weight,
+      bn_bias, eps, memory_efficient, group);
+  if (group != nullptr) {
+    check_group_count(input, result.count, *group);
+  }
+  result.output = rows_from_4d(result.output);
+  if (!memory_efficient) {
+    result.kept_y = rows_from_4d(result.kept_y);
+  }
+  return result;
+}
+
+// linear_bn_train_backward, and with a group sync_linear_bn_train_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_bn_backward(
+    const char* op,
+    const KernelTable& kernels,
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& linear_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    std::array<bool, 5> output_mask,
+    const ProcessGroupRef* group,
+    std::optional<int64_t> group_count) {
+  const auto out_sizes = check_linear_bn_args(
+      op, input, weight, bias, bn_weight, std::nullopt, eps);
+  check_backward_args(
+      op, grad_output, out_sizes, input, weight.size(0), save_mean,
+      save_invstd);
+
+  const bool recompute = needs_recompute(linear_output);
+  const at::Tensor y =
+      recompute ? at::mm(input, weight.t()) : linear_output->contiguous();
+  TORCH_CHECK(
+      y.sym_sizes() == c10::SymIntArrayRef(out_sizes),
+      op, ": `linear_output` has shape ", y.sizes(), ", expected ", out_sizes);
+  const int64_t count = group_count.value_or(y.size(0));
+  if (group_count.has_value()) {
+    check_backward_count(op, count, y.size(0));
+  }
+  auto bn = batch_norm_backward(
+      kernels, rows_as_4d(grad_output.contiguous()), rows_as_4d(y), recompute,
+      save_mean, save_invstd, bias, bn_weight, input, output_mask, count,
+      group);
+
+  at::Tensor grad_input, grad_weight;
+  if (output_mask[0] || output_mask[1]) {
+    const at::Tensor grad_y = rows_from_4d(bn.grad_y);
+    if (output_mask[0]) {
+      grad_input = at::mm(grad_y, weight);
+    }
+    if (output_mask[1]) {
+      grad_weight = at::mm(grad_y.t(), input);
     }
   }
   return {grad_input, grad_weight, bn.grad_bias, bn.grad_bn_weight,
@@ -400,16 +519,10 @@ sync_conv_bn_train_backward_impl(
     const at::Tensor& count,
     std::array<bool, 5> output_mask) {
   const auto group = group_of(kSyncBackwardOp, group_name, group_size);
-  TORCH_CHECK(
-      count.numel() == 1 && !at::isFloatingType(count.scalar_type()) &&
-          !count.is_complex(),
-      kSyncBackwardOp, ": `count` must be the one-element integer tensor "
-      "sync_conv_bn_train returned, got ", count.scalar_type(), " of shape ",
-      count.sizes());
   return conv_bn_backward(
       kSyncBackwardOp, kernels, grad_output, input, weight, bias, bn_weight,
       conv_output, save_mean, save_invstd, stride, padding, dilation, groups,
-      eps, output_mask, &group, count.item<int64_t>());
+      eps, output_mask, &group, count_of(kSyncBackwardOp, count));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -422,17 +535,10 @@ linear_bn_train_forward(
     const std::optional<at::Tensor>& bn_bias,
     double eps,
     bool memory_efficient) {
-  const auto out_sizes = check_linear_bn_args(
-      kLinearTrainOp, input, weight, bias, bn_weight, bn_bias, eps);
-  check_batch_statistics_possible(kLinearTrainOp, input, out_sizes);
-  // at::mm gives a fresh contiguous (N, C) tensor the kernels may overwrite.
-  auto result = normalize_batch(
-      kernels, rows_as_4d(at::mm(input, weight.t())), bias, bn_weight,
-      bn_bias, eps, memory_efficient);
-  at::Tensor kept_y = memory_efficient ? result.kept_y
-                                       : rows_from_4d(result.kept_y);
-  return {rows_from_4d(result.output), result.save_mean, result.save_invstd,
-          kept_y};
+  auto result = linear_bn_forward(
+      kLinearTrainOp, kernels, input, weight, bias, bn_weight, bn_bias, eps,
+      memory_efficient, nullptr);
+  return {result.output, result.save_mean, result.save_invstd, result.kept_y};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -448,36 +554,53 @@ linear_bn_train_backward_impl(
     const at::Tensor& save_invstd,
     double eps,
     std::array<bool, 5> output_mask) {
-  const auto out_sizes = check_linear_bn_args(
-      kLinearBackwardOp, input, weight, bias, bn_weight, std::nullopt, eps);
-  check_backward_args(
-      kLinearBackwardOp, grad_output, out_sizes, input, weight.size(0),
-      save_mean, save_invstd);
+  return linear_bn_backward(
+      kLinearBackwardOp, kernels, grad_output, input, weight, bias, bn_weight,
+      linear_output, save_mean, save_invstd, eps, output_mask, nullptr,
+      std::nullopt);
+}
 
-  const bool recompute = needs_recompute(linear_output);
-  const at::Tensor y =
-      recompute ? at::mm(input, weight.t()) : linear_output->contiguous();
-  TORCH_CHECK(
-      y.sym_sizes() == c10::SymIntArrayRef(out_sizes),
-      kLinearBackwardOp, ": `linear_output` has shape ", y.sizes(),
-      ", expected ", out_sizes);
-  auto bn = batch_norm_backward(
-      kernels, rows_as_4d(grad_output.contiguous()), rows_as_4d(y), recompute,
-      save_mean, save_invstd, bias, bn_weight, input, output_mask,
-      y.size(0));
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_linear_bn_train_forward(
+    const KernelTable& kernels,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps,
+    const std::string& group_name,
+    int64_t group_size,
+    bool memory_efficient) {
+  const auto group = group_of(kSyncLinearTrainOp, group_name, group_size);
+  auto result = linear_bn_forward(
+      kSyncLinearTrainOp, kernels, input, weight, bias, bn_weight, bn_bias,
+      eps, memory_efficient, &group);
+  return {result.output, result.save_mean, result.save_invstd, result.kept_y,
+          at::scalar_tensor(result.count, at::kLong)};
+}
 
-  at::Tensor grad_input, grad_weight;
-  if (output_mask[0] || output_mask[1]) {
-    const at::Tensor grad_y = rows_from_4d(bn.grad_y);
-    if (output_mask[0]) {
-      grad_input = at::mm(grad_y, weight);
-    }
-    if (output_mask[1]) {
-      grad_weight = at::mm(grad_y.t(), input);
-    }
-  }
-  return {grad_input, grad_weight, bn.grad_bias, bn.grad_bn_weight,
-          bn.grad_bn_bias};
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_linear_bn_train_backward_impl(
+    const KernelTable& kernels,
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& linear_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    const std::string& group_name,
+    int64_t group_size,
+    const at::Tensor& count,
+    std::array<bool, 5> output_mask) {
+  const auto group = group_of(kSyncLinearBackwardOp, group_name, group_size);
+  return linear_bn_backward(
+      kSyncLinearBackwardOp, kernels, grad_output, input, weight, bias,
+      bn_weight, linear_output, save_mean, save_invstd, eps, output_mask,
+      &group, count_of(kSyncLinearBackwardOp, count));
 }
 
 } // namespace convbn

@@ -116,6 +116,38 @@ linear_bn_train_backward_impl(
     double eps,
     std::array<bool, 5> output_mask);
 
+// sync_linear_bn_train with the given device kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_linear_bn_train_forward(
+    const KernelTable& kernels,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps,
+    const std::string& group_name,
+    int64_t group_size,
+    bool memory_efficient);
+
+// sync_linear_bn_train_backward with the given device kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_linear_bn_train_backward_impl(
+    const KernelTable& kernels,
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& linear_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    const std::string& group_name,
+    int64_t group_size,
+    const at::Tensor& count,
+    std::array<bool, 5> output_mask);
+
 // What a device registers at its dispatch key (`&conv_bn_train_kernel<table>`
 // and so on): the driver with that device's kernel table, under a guard for
 // input's device. The guard accepts any device, so an input on another device
@@ -244,6 +276,46 @@ linear_bn_train_backward_kernel(
   return linear_bn_train_backward_impl(
       Table(), grad_output, input, weight, bias, bn_weight, linear_output,
       save_mean, save_invstd, eps, output_mask);
+}
+
+template <const KernelTable& (*Table)()>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_linear_bn_train_kernel(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    bool memory_efficient) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(input));
+  return sync_linear_bn_train_forward(
+      Table(), input, weight, bias, bn_weight, bn_bias, eps, group_name,
+      group_size, memory_efficient);
+}
+
+template <const KernelTable& (*Table)()>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sync_linear_bn_train_backward_kernel(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& linear_output,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    double eps,
+    std::string group_name,
+    int64_t group_size,
+    const at::Tensor& count,
+    std::array<bool, 5> output_mask) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(input));
+  return sync_linear_bn_train_backward_impl(
+      Table(), grad_output, input, weight, bias, bn_weight, linear_output,
+      save_mean, save_invstd, eps, group_name, group_size, count, output_mask);
 }
 
 } // namespace convbn

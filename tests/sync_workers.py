@@ -92,18 +92,28 @@ def _main(rank, world_size, backend, store, scenario, configs, out_dir):
 # ---------------------------------------------------------------------------
 # What the ranks and the reference share: the layer, the data, the losses.
 
+def is_linear(config):
+    return config.get("kind", "conv") == "linear"
+
+
 def make_pair(config):
-    """The reference pair (nn.Conv2d, nn.BatchNorm2d) in float64, with
+    """The reference pair in float64: (nn.Conv2d, nn.BatchNorm2d), or
+    (nn.Linear, nn.BatchNorm1d) when config["kind"] is "linear", with
     randomized batch-norm parameters and statistics; the same on every rank
     and in the test process."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(
-        config.get("in_channels", 3), config.get("out_channels", 4), config.get("kernel_size", 3),
-        stride=config.get("stride", 1), padding=config.get("padding", 1), dilation=config.get("dilation", 1),
-        groups=config.get("groups", 1), bias=config.get("bias", False), dtype=torch.float64,
-    )
-    bn = nn.BatchNorm2d(
-        conv.out_channels, eps=config.get("eps", 1e-5), momentum=config.get("momentum", 0.1),
+    out_channels = config.get("out_channels", 4)
+    if is_linear(config):
+        layer = nn.Linear(config.get("in_channels", 3), out_channels, bias=config.get("bias", False),
+                          dtype=torch.float64)
+    else:
+        layer = nn.Conv2d(
+            config.get("in_channels", 3), out_channels, config.get("kernel_size", 3),
+            stride=config.get("stride", 1), padding=config.get("padding", 1), dilation=config.get("dilation", 1),
+            groups=config.get("groups", 1), bias=config.get("bias", False), dtype=torch.float64,
+        )
+    bn = (nn.BatchNorm1d if is_linear(config) else nn.BatchNorm2d)(
+        out_channels, eps=config.get("eps", 1e-5), momentum=config.get("momentum", 0.1),
         affine=config.get("affine", True), track_running_stats=config.get("track_running_stats", True),
         dtype=torch.float64,
     )
@@ -114,13 +124,18 @@ def make_pair(config):
         if bn.track_running_stats:
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 1.5)
-    return conv, bn
+    return layer, bn
+
+
+def sync_module_type(config):
+    return convbn.SyncLinearBN1d if is_linear(config) else convbn.SyncConvBN2d
 
 
 def batch(config, step, sizes):
     """Step `step`'s whole batch (all ranks' samples, concatenated)."""
     generator = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(sum(sizes), config.get("in_channels", 3), *config.get("spatial", (6, 5)),
+    spatial = () if is_linear(config) else config.get("spatial", (6, 5))
+    x = torch.randn(sum(sizes), config.get("in_channels", 3), *spatial,
                     generator=generator, dtype=torch.float64) * 2 + 0.5
     if config.get("channels_last", False):
         x = x.contiguous(memory_format=torch.channels_last)
@@ -139,11 +154,13 @@ def rank_slice(sizes, rank):
 
 
 def make_net():
-    """A small nn network with two Conv2d -> BatchNorm2d pairs (float64)."""
+    """A small nn network (float64) on (N, 3, 6, 5) input with two Conv2d ->
+    BatchNorm2d pairs and a Linear -> BatchNorm1d pair."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=True), nn.BatchNorm2d(5, momentum=None),
+        nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=True), nn.BatchNorm2d(5, momentum=None), nn.ReLU(),
+        nn.Flatten(), nn.Linear(5 * 3 * 3, 6), nn.BatchNorm1d(6),
     ).double()
 
 
@@ -155,12 +172,14 @@ def _state(module):
 
 
 def sync_layer_steps(rank, world_size, config):
-    """A SyncConvBN2d made from make_pair(config), trained for config["steps"]
+    """The synchronized module made from make_pair(config), trained for config["steps"]
     steps on this rank's slice of each step's batch, with loss sum(w * y) on
     the slice (no DDP: parameter grads are this rank's own). Records per
     step the output, input grad and parameter grads; then the state."""
     sizes = config["sizes"]
-    layer = convbn.SyncConvBN2d.from_modules(*make_pair(config), memory_efficient=config.get("memory_efficient", True))
+    layer = sync_module_type(config).from_modules(
+        *make_pair(config), memory_efficient=config.get("memory_efficient", True)
+    )
     layer.train()
     steps = []
     for step in range(config.get("steps", 3)):
@@ -235,7 +254,7 @@ def too_few_values(rank, world_size, config):
     """One forward whose group holds config["sizes"] samples of 1x1 output:
     records the error (if any) and whether the statistics changed."""
     sizes = config["sizes"]
-    layer = convbn.SyncConvBN2d.from_modules(*make_pair(config))
+    layer = sync_module_type(config).from_modules(*make_pair(config))
     before = _state(layer)
     x = batch(config, 0, sizes)[rank_slice(sizes, rank)]
     try:
@@ -251,30 +270,40 @@ def op_checks(rank, world_size, config):
     """torch.library.opcheck on the synchronized ops over this group, and the
     double-backward error. Records the failures as text."""
     group_name = dist.group.WORLD.group_name
-    failures = []
-    conv, bn = make_pair(config)
-    x = batch(config, 0, [4]).requires_grad_()
+    mask = [True, True, False, True, True]
+    conv, bn = make_pair({})
+    x = batch({}, 0, [4]).requires_grad_()
+    linear, bn1d = make_pair({"kind": "linear"})
+    rows = batch({"kind": "linear"}, 0, [5]).requires_grad_()
+    samples = []  # (op name, forward arguments, backward arguments after grad_output)
     for memory_efficient in (True, False):
-        args = (x, conv.weight, conv.bias, bn.weight, bn.bias, [1, 1], [1, 1], [1, 1], 1, 1e-5,
-                group_name, world_size, memory_efficient)
-        try:
-            torch.library.opcheck(torch.ops.convbn.sync_conv_bn_train.default, args)
-        except Exception as e:
-            failures.append(f"sync_conv_bn_train (memory_efficient={memory_efficient}): {e}")
-    with torch.no_grad():
-        out, mean, invstd, conv_output, count = torch.ops.convbn.sync_conv_bn_train(*args)
-    grad = torch.randn_like(out)
-    backward_args = (grad, x.detach(), conv.weight.detach(), None, bn.weight.detach(), conv_output, mean, invstd,
-                     [1, 1], [1, 1], [1, 1], 1, 1e-5, group_name, world_size, count,
-                     [True, True, False, True, True])
-    try:
-        torch.library.opcheck(torch.ops.convbn.sync_conv_bn_train_backward.default, backward_args)
-    except Exception as e:
-        failures.append(f"sync_conv_bn_train_backward: {e}")
+        samples.append(("sync_conv_bn_train",
+                        (x, conv.weight, conv.bias, bn.weight, bn.bias, [1, 1], [1, 1], [1, 1], 1, 1e-5,
+                         group_name, world_size, memory_efficient),
+                        lambda kept, stats, count: (x.detach(), conv.weight.detach(), None, bn.weight.detach(),
+                                                    kept, *stats, [1, 1], [1, 1], [1, 1], 1, 1e-5, group_name,
+                                                    world_size, count, mask)))
+        samples.append(("sync_linear_bn_train",
+                        (rows, linear.weight, linear.bias, bn1d.weight, bn1d.bias, 1e-5, group_name, world_size,
+                         memory_efficient),
+                        lambda kept, stats, count: (rows.detach(), linear.weight.detach(), None,
+                                                    bn1d.weight.detach(), kept, *stats, 1e-5, group_name,
+                                                    world_size, count, mask)))
+    failures = []
+    for name, args, backward_args in samples:
+        forward, backward = getattr(torch.ops.convbn, name), getattr(torch.ops.convbn, name + "_backward")
+        with torch.no_grad():
+            out, mean, invstd, kept, count = forward(*args)
+        grad_args = (torch.randn_like(out), *backward_args(kept, (mean, invstd), count))
+        for op, op_args in ((forward, args), (backward, grad_args)):
+            try:
+                torch.library.opcheck(op.default, op_args)
+            except Exception as e:
+                failures.append(f"{op}: {e}")
     # Through the op: a one-rank SyncConvBN2d would not synchronize at all.
-    y = torch.ops.convbn.sync_conv_bn_train(*args)[0]
+    y = torch.ops.convbn.sync_conv_bn_train(*samples[0][1])[0]
     try:
-        torch.autograd.grad((y * grad).sum(), x, create_graph=True)
+        torch.autograd.grad(y.sum(), x, create_graph=True)
         double_backward_error = None
     except RuntimeError as e:
         double_backward_error = str(e)

@@ -1,7 +1,7 @@
-"""SyncConvBN2d and convert_sync_batchnorm across processes (gloo on CPU):
-each rank's output, input grad, parameter grads and running statistics
-against one process running nn.Conv2d + nn.BatchNorm2d (float64) on the
-concatenated batch. The processes are started and stopped by
+"""SyncConvBN2d, SyncLinearBN1d and convert_sync_batchnorm across processes
+(gloo on CPU): each rank's output, input grad, parameter grads and running
+statistics against one process running nn.Conv2d + nn.BatchNorm2d (or
+nn.Linear + nn.BatchNorm1d), float64, on the concatenated batch. The processes are started and stopped by
 sync_workers.launch, which bounds each launch in time; each launch runs
 several configurations."""
 
@@ -11,7 +11,7 @@ from torch import nn
 
 import convbn
 from conftest import assert_close_to_reference, requires_cuda
-from sync_workers import batch, launch, loss_weights, make_net, make_pair, rank_slice
+from sync_workers import batch, launch, loss_weights, make_net, make_pair, rank_slice, sync_module_type
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed"
@@ -26,12 +26,14 @@ LAYER_CONFIGS = {
         {"sizes": [3, 5]},
         {"sizes": [2, 6], "bias": True, "momentum": None, "memory_efficient": False, "channels_last": True},
         {"sizes": [1, 4], "spatial": (1, 1), "padding": 0, "kernel_size": 1, "eps": 1e-3},
+        {"sizes": [3, 5], "kind": "linear", "in_channels": 7, "out_channels": 5, "bias": True},
     ],
     3: [
         {"sizes": [4, 1, 3], "in_channels": 4, "out_channels": 6, "groups": 2, "stride": 2, "dilation": 2,
          "padding": 2, "affine": False},
         {"sizes": [3, 0, 4]},
         {"sizes": [0, 5, 2], "bias": True, "track_running_stats": False, "memory_efficient": False},
+        {"sizes": [2, 0, 6], "kind": "linear", "momentum": None, "memory_efficient": False, "affine": False},
     ],
 }
 LAYER_CASES = [(world, i) for world, configs in LAYER_CONFIGS.items() for i in range(len(configs))]
@@ -78,7 +80,8 @@ def test_sync_layer_matches_one_process_on_the_concatenated_batch(layer_records,
         for rank, record in enumerate(records):
             got = record["steps"][step]
             where = f"step {step}, rank {rank}"
-            assert "convbn.sync_conv_bn_train" in got["ops"], f"{where}: did not synchronize: {got['ops']}"
+            op = "convbn.sync_linear_bn_train" if config.get("kind") == "linear" else "convbn.sync_conv_bn_train"
+            assert op in got["ops"], f"{where}: did not synchronize: {got['ops']}"
             part = rank_slice(sizes, rank)
             assert got["output"].shape == expected["output"][part].shape
             assert_close_to_reference(got["output"], expected["output"][part], F64, f"{where}: output")
@@ -99,7 +102,7 @@ def test_sync_layer_matches_one_process_on_the_concatenated_batch(layer_records,
             assert torch.equal(record["state"][name], records[0]["state"][name]), f"{name} differs between ranks"
 
 
-DDP_CASES = {2: [3, 5], 3: [2, 0, 4]}
+DDP_CASES = {2: [3, 5], 3: [2, 0, 4]}  # samples per rank
 
 
 @pytest.mark.parametrize("world", sorted(DDP_CASES))
@@ -114,7 +117,8 @@ def test_ddp_training_matches_one_process(world):
     records = [r[0] for r in launch(world, "ddp_training", [config])]
     for rank, record in enumerate(records):
         assert "error" not in record, f"rank {rank}: {record.get('error')}"
-        assert "SyncConvBN2d" in record["types"] and "ConvBN2d" not in record["types"]
+        assert {"SyncConvBN2d", "SyncLinearBN1d"} <= set(record["types"])
+        assert not {"ConvBN2d", "LinearBN1d", "BatchNorm1d", "BatchNorm2d"} & set(record["types"])
 
     net = make_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=config["lr"])
@@ -160,15 +164,21 @@ def test_too_few_values_fail_alike_on_every_rank_and_leave_the_statistics():
     rank: each rank raises nn.BatchNorm's error (none waits for another)
     and no statistics change. Two values over the group are enough."""
     one_value = {"spatial": (1, 1), "padding": 0, "kernel_size": 1}
-    configs = [dict(one_value, sizes=[1, 0]), dict(one_value, sizes=[0, 0]), dict(one_value, sizes=[1, 1])]
+    configs = [
+        dict(one_value, sizes=[1, 0]), dict(one_value, sizes=[0, 0]), {"kind": "linear", "sizes": [0, 1]},
+        dict(one_value, sizes=[1, 1]), {"kind": "linear", "sizes": [1, 1]},
+    ]
     records = launch(2, "too_few_values", configs)
     for rank in range(2):
-        for index in (0, 1):
+        for index, config in enumerate(configs):
             record = records[rank][index]
-            assert record["error"] is not None and "Expected more than 1 value per channel" in record["error"], record
-            assert record["unchanged"], f"rank {rank}, sizes {configs[index]['sizes']}: statistics changed"
-        assert records[rank][2]["error"] is None, records[rank][2]
-        assert not records[rank][2]["unchanged"]
+            if sum(config["sizes"]) < 2:
+                assert record["error"] is not None, record
+                assert "Expected more than 1 value per channel" in record["error"], record
+                assert record["unchanged"], f"rank {rank}, {config}: statistics changed"
+            else:
+                assert record["error"] is None, record
+                assert not record["unchanged"]
 
 
 def test_opcheck_and_no_double_backward():
@@ -182,12 +192,15 @@ def test_opcheck_and_no_double_backward():
 # ---------------------------------------------------------------------------
 # One process, no process group.
 
-def test_without_a_process_group_it_is_conv_bn2d():
-    """torch.distributed not initialized: training and eval are ConvBN2d's."""
-    pair = make_pair({})
-    sync = convbn.SyncConvBN2d.from_modules(*pair)
-    plain = convbn.ConvBN2d.from_modules(*pair)
-    x = batch({}, 0, [4])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_without_a_process_group_it_is_the_per_process_module(kind):
+    """torch.distributed not initialized: training and eval are ConvBN2d's
+    (LinearBN1d's)."""
+    config = {"kind": kind}
+    pair = make_pair(config)
+    sync = sync_module_type(config).from_modules(*pair)
+    plain = (convbn.LinearBN1d if kind == "linear" else convbn.ConvBN2d).from_modules(*pair)
+    x = batch(config, 0, [4])
     for training in (True, False):
         sync.train(training)
         plain.train(training)
@@ -198,12 +211,13 @@ def test_without_a_process_group_it_is_conv_bn2d():
 
 def test_convert_sync_batchnorm_shares_the_layers_state():
     model = convbn.fuse(make_net())
-    layers = [m for m in model.modules() if isinstance(m, convbn.ConvBN2d)]
+    fused_types = (convbn.ConvBN2d, convbn.LinearBN1d)
+    layers = [m for m in model.modules() if isinstance(m, fused_types)]
     model.eval()
     converted = convbn.convert_sync_batchnorm(model)
     assert converted is model
-    synced = [m for m in converted.modules() if isinstance(m, convbn.ConvBN2d)]
-    assert len(synced) == 2 and all(type(m) is convbn.SyncConvBN2d for m in synced)
+    synced = [m for m in converted.modules() if isinstance(m, fused_types)]
+    assert [type(m) for m in synced] == [convbn.SyncConvBN2d, convbn.SyncConvBN2d, convbn.SyncLinearBN1d]
     for old, new in zip(layers, synced):
         assert not new.training
         assert new.process_group is None
@@ -220,17 +234,18 @@ def test_convert_sync_batchnorm_shares_the_layers_state():
     group = object()  # process_group is only stored until forward
     single = convbn.convert_sync_batchnorm(convbn.ConvBN2d(3, 4, 3), group)
     assert type(single) is convbn.SyncConvBN2d and single.process_group is group
-    head = nn.Sequential(convbn.LinearBN1d(3, 4))
-    with pytest.warns(UserWarning, match=r"LinearBN1d layers keep per-process batch statistics.*: 0"):
-        assert convbn.convert_sync_batchnorm(head) is head
-    assert type(head[0]) is convbn.LinearBN1d
+    single = convbn.convert_sync_batchnorm(convbn.LinearBN1d(3, 4), group)
+    assert type(single) is convbn.SyncLinearBN1d and single.process_group is group
+    bn = nn.BatchNorm2d(4)
+    assert convbn.convert_sync_batchnorm(nn.Sequential(bn))[0] is bn  # nn's own converter does these
 
 
-def test_scripted_sync_layer_runs_unsynchronized():
-    pair = make_pair({})
-    sync = convbn.SyncConvBN2d.from_modules(*pair).eval()
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_scripted_sync_layer_runs_unsynchronized(kind):
+    config = {"kind": kind}
+    sync = sync_module_type(config).from_modules(*make_pair(config)).eval()
     scripted = torch.jit.script(sync)
-    x = batch({}, 0, [4])
+    x = batch(config, 0, [4])
     assert torch.equal(scripted(x), sync(x))
 
 

@@ -13,8 +13,7 @@
 // gradients from differentiable ATen ops, recomputing the statistics from
 // input so that their dependence on input is part of the graph, as ATen's
 // batchnorm_double_backward does. Otherwise it runs the fast kernels. The
-// synchronized backward has no double backward (nor has nn.SyncBatchNorm's):
-// its statistics depend on other processes' inputs.
+// synchronized backward has no double backward.
 #include "train_autograd_common.h"
 
 #include "../checks.h"
@@ -29,12 +28,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;
-
-// The process group of sync_conv_bn_train; absent for conv_bn_train.
-struct SyncGroup {
-  std::string name;
-  int64_t size;
-};
 
 class ConvBNTrainFunction
     : public torch::autograd::Function<ConvBNTrainFunction> {
@@ -63,9 +56,7 @@ class ConvBNTrainFunction
               input, weight, bias, bn_weight, bn_bias, stride, padding,
               dilation, groups, eps, group->name, group->size,
               memory_efficient);
-      ctx->saved_data["group_name"] = group->name;
-      ctx->saved_data["group_size"] = group->size;
-      ctx->saved_data["output_sizes"] = output.sizes();
+      save_sync_group(ctx, *group, output);
     } else {
       std::tie(output, save_mean, save_invstd, conv_output) = conv_bn_train(
           input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
@@ -98,18 +89,11 @@ class ConvBNTrainFunction
   static variable_list backward(
       AutogradContext* ctx,
       const variable_list& grad_outputs) {
-    const bool synchronized = ctx->saved_data.count("group_name") > 0;
-    at::Tensor grad_output = grad_outputs[0];
-    if (!grad_output.defined()) {
-      if (!synchronized) {
-        return variable_list(kNumInputs);
-      }
-      // The other ranks wait for this rank's sums: take part with zeros.
-      grad_output = at::zeros(
-          ctx->saved_data["output_sizes"].toIntVector(),
-          ctx->get_saved_variables()[0].options());
-    }
     const auto saved = ctx->get_saved_variables();
+    const at::Tensor grad_output = grad_or_zeros(ctx, grad_outputs[0], saved[0]);
+    if (!grad_output.defined()) {
+      return variable_list(kNumInputs);
+    }
     const auto output_mask = train_output_mask(
         ctx, saved[2].defined(), saved[3].defined(),
         ctx->saved_data["has_bn_bias"].toBool());
@@ -119,7 +103,7 @@ class ConvBNTrainFunction
     const auto groups = ctx->saved_data["groups"].toInt();
     const auto eps = ctx->saved_data["eps"].toDouble();
     at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
-    if (synchronized) {
+    if (is_synchronized(ctx)) {
       std::tie(grad_input, grad_weight, grad_bias, grad_bn_weight,
                grad_bn_bias) =
           sync_conv_bn_train_backward(
@@ -234,12 +218,9 @@ sync_conv_bn_train_backward_autograd(
     int64_t group_size,
     const at::Tensor& count,
     std::array<bool, 5> output_mask) {
-  TORCH_CHECK(
-      !records_graph(grad_output, input, weight, bias, bn_weight),
-      "convbn.sync_conv_bn_train_backward: double backward (create_graph=True "
-      "through a synchronized conv+BN) is not supported, as with "
-      "nn.SyncBatchNorm; use ConvBN2d on one process for higher-order "
-      "gradients");
+  check_no_double_backward(
+      "convbn.sync_conv_bn_train_backward", grad_output, input, weight, bias,
+      bn_weight);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return sync_conv_bn_train_backward(
       grad_output, input, weight, bias, bn_weight, conv_output, save_mean,

@@ -8,6 +8,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 
 namespace convbn {
 
@@ -31,6 +32,41 @@ inline std::array<bool, 5> train_output_mask(
   return output_mask;
 }
 
+// The process group of a synchronized training op (sync_conv_bn_train,
+// sync_linear_bn_train); absent for the per-process ops.
+struct SyncGroup {
+  std::string name;
+  int64_t size;
+};
+
+// Keeps what a synchronized node's backward needs besides tensors.
+inline void save_sync_group(
+    torch::autograd::AutogradContext* ctx,
+    const SyncGroup& group,
+    const at::Tensor& output) {
+  ctx->saved_data["group_name"] = group.name;
+  ctx->saved_data["group_size"] = group.size;
+  ctx->saved_data["output_sizes"] = output.sizes();
+}
+
+inline bool is_synchronized(torch::autograd::AutogradContext* ctx) {
+  return ctx->saved_data.count("group_name") > 0;
+}
+
+// The node's grad_output; undefined (no gradient reached the output) means
+// nothing to compute, except for a synchronized node: the other ranks wait
+// for this rank's sums, so it takes part with zeros.
+inline at::Tensor grad_or_zeros(
+    torch::autograd::AutogradContext* ctx,
+    const at::Tensor& grad_output,
+    const at::Tensor& input) {
+  if (grad_output.defined() || !is_synchronized(ctx)) {
+    return grad_output;
+  }
+  return at::zeros(
+      ctx->saved_data["output_sizes"].toIntVector(), input.options());
+}
+
 // A backward op called with grad mode on and an input that requires grad is
 // itself being differentiated (double backward): it must record a graph.
 inline bool records_graph(
@@ -46,6 +82,22 @@ inline bool records_graph(
       (grad_output.requires_grad() || input.requires_grad() ||
        weight.requires_grad() || requires_grad(bias) ||
        requires_grad(bn_weight));
+}
+
+// The synchronized backward ops have no double backward (nor has
+// nn.SyncBatchNorm): their statistics depend on other processes' inputs.
+inline void check_no_double_backward(
+    const char* op,
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight) {
+  TORCH_CHECK(
+      !records_graph(grad_output, input, weight, bias, bn_weight),
+      op, ": double backward (create_graph=True through a synchronized "
+      "batch norm) is not supported, as with nn.SyncBatchNorm; use the "
+      "per-process module for higher-order gradients");
 }
 
 // conv_bn_train's backward written with differentiable ATen ops, for double

@@ -5,11 +5,11 @@ BatchNorm1d, each as one PyTorch operator.
     torch.ops.convbn.linear_bn_train / linear_bn_train_backward / linear_bn_eval
     torch.ops.convbn.update_running_stats / fold_conv_bn
                                                 the operators
-    torch.ops.convbn.sync_conv_bn_train / sync_conv_bn_train_backward
+    torch.ops.convbn.sync_conv_bn_train / sync_linear_bn_train (+ backwards)
                                                 the same over a process group
     convbn.ConvBN2d, convbn.LinearBN1d          the nn.Modules
-    convbn.SyncConvBN2d                         statistics over all processes
-    convbn.convert_sync_batchnorm(model)        ConvBN2d -> SyncConvBN2d
+    convbn.SyncConvBN2d, convbn.SyncLinearBN1d  statistics over all processes
+    convbn.convert_sync_batchnorm(model)        ConvBN2d/LinearBN1d -> Sync*
     convbn.functional.conv_bn / linear_bn       the functional forms
     convbn.fuse(model), convbn.unfuse(model)    convert a model's pairs
     convbn.recalibrate(model, batches)          exact population statistics
@@ -23,13 +23,13 @@ _library.load()
 
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
 from . import functional, models, utils  # noqa: E402
-from .distributed import SyncConvBN2d, convert_sync_batchnorm  # noqa: E402
+from .distributed import SyncConvBN2d, SyncLinearBN1d, convert_sync_batchnorm  # noqa: E402
 from .fuse import fuse, unfuse  # noqa: E402
 from .modules import ConvBN2d, LinearBN1d  # noqa: E402
 from .recalibrate import recalibrate  # noqa: E402
 
 __all__ = [
-    "ConvBN2d", "LinearBN1d", "SyncConvBN2d", "convert_sync_batchnorm", "functional", "fuse", "models",
-    "recalibrate", "unfuse", "utils",
+    "ConvBN2d", "LinearBN1d", "SyncConvBN2d", "SyncLinearBN1d", "convert_sync_batchnorm", "functional",
+    "fuse", "models", "recalibrate", "unfuse", "utils",
 ]
 __version__ = "0.1.0"

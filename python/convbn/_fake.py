@@ -99,6 +99,24 @@ def _linear_bn_train_backward_fake(
     return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
 
 
+@torch.library.register_fake("convbn::sync_linear_bn_train")
+def _sync_linear_bn_train_fake(
+    input, weight, bias, bn_weight, bn_bias, eps, group_name, group_size, memory_efficient=True
+):
+    results = _linear_bn_train_fake(input, weight, bias, bn_weight, bn_bias, eps, memory_efficient)
+    return (*results, torch.empty((), dtype=torch.long, device="cpu"))
+
+
+@torch.library.register_fake("convbn::sync_linear_bn_train_backward")
+def _sync_linear_bn_train_backward_fake(
+    grad_output, input, weight, bias, bn_weight, linear_output, save_mean, save_invstd, eps,
+    group_name, group_size, count, output_mask,
+):
+    _check_same_device("convbn.sync_linear_bn_train_backward", input, grad_output=grad_output,
+                       weight=weight, bias=bias, bn_weight=bn_weight)
+    return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
+
+
 def _train_backward_fake(input, weight, bias, bn_weight, output_mask):
     """The five gradients of a training backward, as its output_mask asks."""
     param_dtype = bn_weight.dtype if bn_weight is not None else input.dtype

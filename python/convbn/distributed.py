@@ -1,25 +1,72 @@
-"""convbn.SyncConvBN2d: ConvBN2d whose training statistics are those of the
-whole batch spread over the processes of a torch.distributed group, as
-nn.SyncBatchNorm computes them; and convbn.convert_sync_batchnorm, which
-converts a model's ConvBN2d layers the way
-nn.SyncBatchNorm.convert_sync_batchnorm converts its BatchNorm layers.
+"""convbn.SyncConvBN2d and convbn.SyncLinearBN1d: ConvBN2d and LinearBN1d
+whose training statistics are those of the whole batch spread over the
+processes of a torch.distributed group, as nn.SyncBatchNorm computes them;
+and convbn.convert_sync_batchnorm, which converts a model's ConvBN2d and
+LinearBN1d layers the way nn.SyncBatchNorm.convert_sync_batchnorm converts
+its BatchNorm layers.
 
 All communication is torch.distributed's (its functional collectives, called
-by the operators sync_conv_bn_train and sync_conv_bn_train_backward), so the
-process group's backend decides how: gloo for CPU tensors, NCCL for CUDA."""
+by the operators sync_conv_bn_train, sync_linear_bn_train and their
+backwards), so the process group's backend decides how: gloo for CPU
+tensors, NCCL for CUDA."""
 
-import warnings
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .functional import _conv_bn_prepared
 from .modules import ConvBN2d, LinearBN1d
 
 
-class SyncConvBN2d(ConvBN2d):
+class _Synchronized:
+    """What SyncConvBN2d and SyncLinearBN1d share: forward (synchronized when
+    it should be), and taking over an unsynchronized module's state.
+    Subclasses set self.process_group."""
+
+    @torch.jit.unused
+    def _group_to_synchronize(self) -> Optional[Tuple[str, int]]:
+        """(group name, number of ranks) when this forward synchronizes:
+        training, torch.distributed initialized and more than one rank, as
+        in nn.SyncBatchNorm. None otherwise."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        if not isinstance(group, dist.ProcessGroup):
+            raise RuntimeError(
+                f"convbn: {type(self).__name__}: this process (rank {dist.get_rank()}) is not a member of "
+                "its process_group; give each process a group it belongs to, as "
+                "nn.SyncBatchNorm.convert_sync_batchnorm's example does"
+            )
+        size = dist.get_world_size(group)
+        return (group.group_name, size) if size > 1 else None
+
+    def forward(self, input: Tensor) -> Tensor:
+        input = self._checked_input(input)
+        # TorchScript compiles the unsynchronized module.
+        if not torch.jit.is_scripting():
+            group = self._group_to_synchronize()
+            if group is not None:
+                return self._normalize(input, group[0], group[1])
+        return self._normalize(input)
+
+    def _share_state_of(self, module: nn.Module) -> None:
+        """Takes module's parameters and buffers (the same tensors, as
+        nn.SyncBatchNorm.convert_sync_batchnorm shares them), its train/eval
+        mode, and where fuse found its pair (for unfuse and the pair's
+        state_dict keys)."""
+        self._parameters = dict(module._parameters)
+        self._buffers = dict(module._buffers)
+        self._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+        if "_unfused_names" in module.__dict__:
+            self._unfused_names = module._unfused_names
+        self.train(module.training)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.process_group is None else ", process_group=...")
+
+
+class SyncConvBN2d(_Synchronized, ConvBN2d):
     """ConvBN2d with synchronized batch statistics: in training, every rank of
     `process_group` (default: the whole world) normalizes with the mean and
     variance of all ranks' batches together, as if one process had run the
@@ -65,47 +112,10 @@ class SyncConvBN2d(ConvBN2d):
         )
         self.process_group = process_group
 
-    def forward(self, input: Tensor) -> Tensor:
-        input = self._padded(input)
-        if not torch.jit.is_scripting():
-            group = self._group_to_synchronize()
-            if group is not None:
-                return self._synchronized(input, *group)
-        return self._normalize(input)
-
-    @torch.jit.unused
-    def _group_to_synchronize(self) -> Optional[Tuple[str, int]]:
-        """(group name, number of ranks) when this forward synchronizes:
-        training, torch.distributed initialized and more than one rank, as
-        in nn.SyncBatchNorm. None otherwise."""
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return None
-        group = dist.group.WORLD if self.process_group is None else self.process_group
-        if not isinstance(group, dist.ProcessGroup):
-            raise RuntimeError(
-                f"convbn: SyncConvBN2d: this process (rank {dist.get_rank()}) is not a member of "
-                "its process_group; give each process a group it belongs to, as "
-                "nn.SyncBatchNorm.convert_sync_batchnorm's example does"
-            )
-        size = dist.get_world_size(group)
-        return (group.group_name, size) if size > 1 else None
-
-    @torch.jit.unused
-    def _synchronized(self, input: Tensor, group_name: str, group_size: int) -> Tensor:
-        _, running_mean, running_var, num_batches_tracked = self._statistics()
-        return _conv_bn_prepared(
-            input, self.weight, self.bias, self.bn_weight, self.bn_bias,
-            running_mean, running_var, num_batches_tracked, True, self.momentum, self.eps,
-            self._stride, self._conv_padding, self._dilation, self.groups, self.memory_efficient,
-            group_name, group_size,
-        )
-
     @classmethod
     def from_conv_bn(cls, module: ConvBN2d, process_group: Optional[dist.ProcessGroup] = None) -> "SyncConvBN2d":
         """A SyncConvBN2d with module's hyper-parameters that shares its
-        parameters and buffers (the same tensors, as
-        nn.SyncBatchNorm.convert_sync_batchnorm shares them), in its
-        train/eval mode."""
+        parameters and buffers, in its train/eval mode."""
         if type(module) is not ConvBN2d:
             raise TypeError(f"convbn: from_conv_bn expects a ConvBN2d, got {type(module).__name__}")
         sync = cls(
@@ -114,43 +124,67 @@ class SyncConvBN2d(ConvBN2d):
             module.momentum, module.affine, module.track_running_stats, module.memory_efficient,
             process_group, device="meta",
         )
-        sync._parameters = dict(module._parameters)
-        sync._buffers = dict(module._buffers)
-        sync._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-        # Where fuse found the pair, for unfuse and the pair's state_dict keys.
-        if "_unfused_names" in module.__dict__:
-            sync._unfused_names = module._unfused_names
-        sync.train(module.training)
+        sync._share_state_of(module)
         return sync
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.process_group is None else ", process_group=...")
+
+class SyncLinearBN1d(_Synchronized, LinearBN1d):
+    """LinearBN1d with synchronized batch statistics, as SyncConvBN2d: in
+    training, every rank of `process_group` (default: the whole world)
+    normalizes its (N, in_features) batch with the statistics of all ranks'
+    batches together. Arguments are LinearBN1d's, plus process_group."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        memory_efficient: bool = True,
+        process_group: Optional[dist.ProcessGroup] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, bias, eps, momentum, affine, track_running_stats, memory_efficient,
+            device=device, dtype=dtype,
+        )
+        self.process_group = process_group
+
+    @classmethod
+    def from_linear_bn(
+        cls, module: LinearBN1d, process_group: Optional[dist.ProcessGroup] = None
+    ) -> "SyncLinearBN1d":
+        """A SyncLinearBN1d with module's hyper-parameters that shares its
+        parameters and buffers, in its train/eval mode."""
+        if type(module) is not LinearBN1d:
+            raise TypeError(f"convbn: from_linear_bn expects a LinearBN1d, got {type(module).__name__}")
+        sync = cls(
+            module.in_features, module.out_features, module.bias is not None, module.eps, module.momentum,
+            module.affine, module.track_running_stats, module.memory_efficient, process_group, device="meta",
+        )
+        sync._share_state_of(module)
+        return sync
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
-    """Replaces every ConvBN2d in module by a SyncConvBN2d that shares its
-    parameters and buffers, synchronizing over process_group (default: the
-    whole world), like nn.SyncBatchNorm.convert_sync_batchnorm. Returns
-    module (a new SyncConvBN2d when module itself is a ConvBN2d).
+    """Replaces every ConvBN2d by a SyncConvBN2d and every LinearBN1d by a
+    SyncLinearBN1d that share its parameters and buffers, synchronizing over
+    process_group (default: the whole world), like
+    nn.SyncBatchNorm.convert_sync_batchnorm. Returns module (a new layer when
+    module itself is one of them).
 
-    Other batch norms are left as they are: convert nn.BatchNorm layers with
-    nn.SyncBatchNorm.convert_sync_batchnorm (it runs on CUDA only).
-    LinearBN1d layers keep per-process statistics; a warning names them."""
-    unsynchronized = [name for name, m in module.named_modules() if isinstance(m, LinearBN1d)]
-    if unsynchronized:
-        warnings.warn(
-            f"convbn.convert_sync_batchnorm: LinearBN1d layers keep per-process batch statistics "
-            f"(there is no synchronized LinearBN1d): {', '.join(n or '(the model)' for n in unsynchronized)}",
-            stacklevel=2,
-        )
-    return _convert(module, process_group)
-
-
-def _convert(module: nn.Module, process_group: Optional[dist.ProcessGroup]) -> nn.Module:
+    nn.BatchNorm layers are left as they are: convert them with
+    nn.SyncBatchNorm.convert_sync_batchnorm (it runs on CUDA only)."""
     if type(module) is ConvBN2d:
         return SyncConvBN2d.from_conv_bn(module, process_group)
+    if type(module) is LinearBN1d:
+        return SyncLinearBN1d.from_linear_bn(module, process_group)
     for name, child in module.named_children():
-        converted = _convert(child, process_group)
+        converted = convert_sync_batchnorm(child, process_group)
         if converted is not child:
             module.add_module(name, converted)
     return module

@@ -172,18 +172,49 @@ def linear_bn(
     for training, running statistics and memory_efficient. It is
     TorchScript-compatible."""
     check_momentum(momentum)
+    return _linear_bn_prepared(
+        input, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+        training, momentum, eps, memory_efficient,
+    )
+
+
+def _linear_bn_prepared(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    memory_efficient: bool,
+    group_name: Optional[str] = None,
+    group_size: int = 1,
+) -> Tensor:
+    """linear_bn with momentum checked: what LinearBN1d.forward calls. With
+    group_name (SyncLinearBN1d), training uses the batch statistics of the
+    process group, as in _conv_bn_prepared."""
     if not training:
         mean, var = _eval_statistics(running_mean, running_var)
         return torch.ops.convbn.linear_bn_eval(
             input, weight, bias, bn_weight, bn_bias, mean, var, eps,
         )
     _check_statistics(running_mean, running_var, num_batches_tracked, momentum)
-    output, save_mean, save_invstd, _ = torch.ops.convbn.linear_bn_train(
-        input, weight, bias, bn_weight, bn_bias, eps, memory_efficient,
-    )
+    if group_name is None:
+        output, save_mean, save_invstd, _ = torch.ops.convbn.linear_bn_train(
+            input, weight, bias, bn_weight, bn_bias, eps, memory_efficient,
+        )
+        count = output.shape[0]
+    else:
+        output, save_mean, save_invstd, _, group_count = torch.ops.convbn.sync_linear_bn_train(
+            input, weight, bias, bn_weight, bn_bias, eps, group_name, group_size, memory_efficient,
+        )
+        count = int(group_count.item())
     _update_statistics(
-        running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum,
-        output.shape[0],
+        running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum, count,
     )
     return output
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import _conv_bn_prepared, _pair, check_momentum, linear_bn, same_padding
+from .functional import _conv_bn_prepared, _linear_bn_prepared, _pair, check_momentum, same_padding
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -232,9 +232,9 @@ class ConvBN2d(_FusedBatchNorm):
         # TorchScript compiles this method: it sticks to typed attributes
         # (lists, Optional tensors, constants) and calls the operators through
         # functional._conv_bn_prepared.
-        return self._normalize(self._padded(input))
+        return self._normalize(self._checked_input(input))
 
-    def _padded(self, input: Tensor) -> Tensor:
+    def _checked_input(self, input: Tensor) -> Tensor:
         """input, checked, with the padding the conv does not apply itself
         (non-zero padding modes, the odd remainder of 'same')."""
         if input.dim() != 4:
@@ -248,9 +248,10 @@ class ConvBN2d(_FusedBatchNorm):
             input = F.pad(input, self._input_pad, mode=mode)
         return input
 
-    def _normalize(self, input: Tensor) -> Tensor:
-        """conv + batch norm of the padded input, with this process's
-        statistics."""
+    def _normalize(self, input: Tensor, group_name: Optional[str] = None, group_size: int = 1) -> Tensor:
+        """conv + batch norm of the padded input; in training with the batch
+        statistics of the process group group_name when given
+        (SyncConvBN2d), else of this process's batch."""
         use_batch_stats, running_mean, running_var, num_batches_tracked = self._statistics()
         if not use_batch_stats and not torch.jit.is_scripting() and self._can_use_folded_cache():
             weight, bias = self._folded()
@@ -259,6 +260,7 @@ class ConvBN2d(_FusedBatchNorm):
             input, self.weight, self.bias, self.bn_weight, self.bn_bias,
             running_mean, running_var, num_batches_tracked, use_batch_stats, self.momentum, self.eps,
             self._stride, self._conv_padding, self._dilation, self.groups, self.memory_efficient,
+            group_name, group_size,
         )
 
     def extra_repr(self) -> str:
@@ -367,19 +369,28 @@ class LinearBN1d(_FusedBatchNorm):
         self.reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(self._checked_input(input))
+
+    def _checked_input(self, input: Tensor) -> Tensor:
         if input.dim() != 2:
             raise ValueError(
                 f"convbn: LinearBN1d expects a 2-D input (N, in_features), got a {input.dim()}-D input "
                 f"of shape {list(input.shape)}"
             )
+        return input
+
+    def _normalize(self, input: Tensor, group_name: Optional[str] = None, group_size: int = 1) -> Tensor:
+        """linear + batch norm of the input; in training with the batch
+        statistics of the process group group_name when given
+        (SyncLinearBN1d), else of this process's batch."""
         use_batch_stats, running_mean, running_var, num_batches_tracked = self._statistics()
         if not use_batch_stats and not torch.jit.is_scripting() and self._can_use_folded_cache():
             weight, bias = self._folded()
             return F.linear(input, weight, bias)
-        return linear_bn(
+        return _linear_bn_prepared(
             input, self.weight, self.bias, self.bn_weight, self.bn_bias,
             running_mean, running_var, num_batches_tracked, use_batch_stats, self.momentum, self.eps,
-            self.memory_efficient,
+            self.memory_efficient, group_name, group_size,
         )
 
     def extra_repr(self) -> str:
