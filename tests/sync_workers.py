@@ -11,6 +11,7 @@ when they are not done by its deadline."""
 import copy
 import datetime
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -80,6 +81,7 @@ def _main(rank, world_size, backend, store, scenario, configs, out_dir):
                 records.append(SCENARIOS[scenario](rank, world_size, config))
             except Exception as e:  # recorded: the test decides whether it was expected
                 records.append({"error": f"{type(e).__name__}: {e}"})
+                print(f"rank {rank}, {scenario} {config}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             dist.barrier()
         torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -224,6 +226,17 @@ def ddp_training(rank, world_size, config):
     }
 
 
+def recalibrate_synchronized(rank, world_size, config):
+    """convbn.recalibrate on convert_sync_batchnorm(fuse(make_net())), each
+    rank passing its slices of config["batches"] batches (sizes per rank in
+    config["sizes"]). Records the state."""
+    sizes = config["sizes"]
+    model = convbn.convert_sync_batchnorm(convbn.fuse(make_net()))
+    batches = [batch(config, step, sizes)[rank_slice(sizes, rank)] for step in range(config["batches"])]
+    convbn.recalibrate(model, batches, progress=False)
+    return {"state": _state(model)}
+
+
 def runs_alone(rank, world_size, config):
     """Rank 0 alone runs a SyncConvBN2d in eval mode over the world group,
     and in training mode over a group of its own (one rank), while the other
@@ -349,6 +362,7 @@ def cuda_against_nn_sync(rank, world_size, config):
 
 
 SCENARIOS = {
+    "recalibrate_synchronized": recalibrate_synchronized,
     "cuda_against_nn_sync": cuda_against_nn_sync,
     "sync_layer_steps": sync_layer_steps,
     "ddp_training": ddp_training,

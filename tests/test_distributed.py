@@ -143,6 +143,42 @@ def test_ddp_training_matches_one_process(world):
         assert_close_to_reference(record["eval_output"], expected_eval, F64, f"rank {rank}: eval output")
 
 
+def test_recalibrate_gives_every_rank_the_statistics_of_all_ranks_data():
+    """convbn.recalibrate on a synchronized model, 3 ranks with uneven and
+    empty slices: every rank's running statistics are the mean and unbiased
+    variance of each batch norm's input over all ranks' batches, taken
+    directly from an unfused nn copy run on the concatenated batches, and
+    identical on every rank."""
+    config = {"sizes": [3, 0, 4], "batches": 3}
+    records = [r[0] for r in launch(3, "recalibrate_synchronized", [config])]
+    for rank, record in enumerate(records):
+        assert "error" not in record, f"rank {rank}: {record.get('error')}"
+
+    net = make_net()
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, []).append(args[0]))
+             for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for step in range(config["batches"]):
+            net(batch(config, step, config["sizes"]))
+    for hook in hooks:
+        hook.remove()
+    for bn, values in inputs.items():
+        values = torch.cat(values)
+        dims = (0,) if values.dim() == 2 else (0, 2, 3)
+        bn.running_mean.copy_(values.mean(dims))
+        bn.running_var.copy_(values.var(dims, unbiased=True))
+        bn.num_batches_tracked.zero_()
+    expected = convbn.fuse(net).state_dict()
+    for rank, record in enumerate(records):
+        for name, value in expected.items():
+            if "running" in name:
+                assert_close_to_reference(record["state"][name], value, F64, f"rank {rank}: {name}")
+                assert torch.equal(record["state"][name], records[0]["state"][name]), name
+            else:  # parameters and num_batches_tracked stay as they were
+                assert torch.equal(record["state"][name], value), name
+
+
 def test_no_communication_in_eval_or_with_one_rank():
     """Rank 0 runs alone while rank 1 runs nothing (a collective would wait
     for rank 1 until the group's timeout): in eval over the world group, and

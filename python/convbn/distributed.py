@@ -10,7 +10,7 @@ by the operators sync_conv_bn_train, sync_linear_bn_train and their
 backwards), so the process group's backend decides how: gloo for CPU
 tensors, NCCL for CUDA."""
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -19,27 +19,35 @@ from torch import Tensor, nn
 from .modules import ConvBN2d, LinearBN1d
 
 
+def synchronizing_group(
+    layer: nn.Module, process_group: Optional[dist.ProcessGroup]
+) -> Optional[dist.ProcessGroup]:
+    """The group a synchronized batch norm (SyncConvBN2d, SyncLinearBN1d,
+    nn.SyncBatchNorm) exchanges its statistics over in this forward, with
+    nn.SyncBatchNorm's rule: training, torch.distributed initialized, and
+    more than one rank in process_group (default: the whole world). None
+    when it computes alone."""
+    if not (layer.training and dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.group.WORLD if process_group is None else process_group
+    if not isinstance(group, dist.ProcessGroup):
+        raise RuntimeError(
+            f"convbn: {type(layer).__name__}: this process (rank {dist.get_rank()}) is not a member of "
+            "its process_group; give each process a group it belongs to, as "
+            "nn.SyncBatchNorm.convert_sync_batchnorm's example does"
+        )
+    return group if dist.get_world_size(group) > 1 else None
+
+
 class _Synchronized:
     """What SyncConvBN2d and SyncLinearBN1d share: forward (synchronized when
     it should be), and taking over an unsynchronized module's state.
     Subclasses set self.process_group."""
 
     @torch.jit.unused
-    def _group_to_synchronize(self) -> Optional[Tuple[str, int]]:
-        """(group name, number of ranks) when this forward synchronizes:
-        training, torch.distributed initialized and more than one rank, as
-        in nn.SyncBatchNorm. None otherwise."""
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return None
-        group = dist.group.WORLD if self.process_group is None else self.process_group
-        if not isinstance(group, dist.ProcessGroup):
-            raise RuntimeError(
-                f"convbn: {type(self).__name__}: this process (rank {dist.get_rank()}) is not a member of "
-                "its process_group; give each process a group it belongs to, as "
-                "nn.SyncBatchNorm.convert_sync_batchnorm's example does"
-            )
-        size = dist.get_world_size(group)
-        return (group.group_name, size) if size > 1 else None
+    def _group_to_synchronize(self) -> Optional[dist.ProcessGroup]:
+        """The process group this forward synchronizes over, or None."""
+        return synchronizing_group(self, self.process_group)
 
     def forward(self, input: Tensor) -> Tensor:
         input = self._checked_input(input)
@@ -47,7 +55,7 @@ class _Synchronized:
         if not torch.jit.is_scripting():
             group = self._group_to_synchronize()
             if group is not None:
-                return self._normalize(input, group[0], group[1])
+                return self._normalize(input, group.group_name, dist.get_world_size(group))
         return self._normalize(input)
 
     def _share_state_of(self, module: nn.Module) -> None:

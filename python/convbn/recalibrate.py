@@ -4,9 +4,11 @@ model (ConvBN2d, LinearBN1d, nn.BatchNorm1d/2d/3d)."""
 from typing import Dict, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .distributed import SyncConvBN2d, SyncLinearBN1d, synchronizing_group
 from .modules import ConvBN2d, LinearBN1d
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, ConvBN2d, LinearBN1d)
@@ -38,9 +40,21 @@ class _Moments:
 def _observe(moments: _Moments, layer: nn.Module, output: Tensor) -> None:
     # The layer ran in training mode with momentum 1, so its running
     # statistics now hold this batch's mean and unbiased variance, exactly as
-    # the layer itself computed them.
+    # the layer itself computed them: over this process's batch, or over all
+    # ranks' batches when the layer synchronizes.
     count = output.numel() // output.shape[1]
+    group = _synchronizing_group(layer)
+    if group is not None:
+        values = torch.tensor([float(count)], dtype=torch.float64, device=output.device)
+        dist.all_reduce(values, group=group)
+        count = int(values.item())
     moments.add(count, layer.running_mean, layer.running_var * ((count - 1) / count))
+
+
+def _synchronizing_group(layer: nn.Module):
+    if isinstance(layer, (SyncConvBN2d, SyncLinearBN1d, nn.SyncBatchNorm)):
+        return synchronizing_group(layer, layer.process_group)
+    return None
 
 
 def recalibrate(
@@ -69,6 +83,12 @@ def recalibrate(
     the input (as a DataLoader of (input, target) does); `device` moves each
     input there. `num_batches` sizes the progress bar when `batches` has no
     len(). Returns model.
+
+    Under torch.distributed, the layers that synchronize (SyncConvBN2d,
+    SyncLinearBN1d, nn.SyncBatchNorm) get the statistics of all ranks'
+    batches together, the same on every rank; every rank must then pass the
+    same number of batches (a rank's batch may be empty). The other layers
+    get the statistics of their own process's batches.
     """
     layers = [m for m in model.modules()
               if isinstance(m, _NORM_TYPES) and m.track_running_stats and m.running_mean is not None]
