@@ -6,6 +6,17 @@
 
 namespace convbn {
 
+void check_same_device(
+    const char* op,
+    const char* name,
+    const at::Tensor& t,
+    const at::Tensor& input) {
+  TORCH_CHECK(
+      t.device() == input.device(),
+      op, ": `", name, "` is on ", t.device(), " but `input` is on ",
+      input.device(), "; move them to the same device");
+}
+
 namespace {
 
 void check_optional_channel_param(
@@ -23,10 +34,7 @@ void check_optional_channel_param(
       op, ": expected `", name, "` to be a 1-D tensor with one value per "
       "output channel (", channels, " values, weight.size(0)), "
       "but got shape ", t->sizes());
-  TORCH_CHECK(
-      t->device() == input.device(),
-      op, ": `", name, "` is on ", t->device(), " but `input` is on ",
-      input.device(), "; move them to the same device");
+  check_same_device(op, name, *t, input);
   const bool same_dtype = t->scalar_type() == input.scalar_type();
   const bool mixed_ok = allow_float32_for_reduced_input &&
       at::isReducedFloatingType(input.scalar_type()) &&
@@ -61,10 +69,7 @@ void check_conv_bias(
       op, ": `bias` has dtype ", bias->scalar_type(), " but `weight` has "
       "dtype ", weight.scalar_type(), "; convert it with .to(",
       weight.scalar_type(), ")");
-  TORCH_CHECK(
-      bias->device() == input.device(),
-      op, ": `bias` is on ", bias->device(), " but `input` is on ",
-      input.device(), "; move them to the same device");
+  check_same_device(op, "bias", *bias, input);
 }
 
 // Floating-point input, and a weight of its dtype on its device: what the
@@ -83,10 +88,7 @@ void check_data_types(
       op, ": `weight` has dtype ", weight.scalar_type(), " but `input` has "
       "dtype ", input.scalar_type(), "; convert one of them (e.g. "
       "input.to(weight.dtype)) or run under torch.autocast");
-  TORCH_CHECK(
-      weight.device() == input.device(),
-      op, ": `weight` is on ", weight.device(), " but `input` is on ",
-      input.device(), "; move them to the same device");
+  check_same_device(op, "weight", weight, input);
 }
 
 void check_pair(const char* op, const char* name, at::IntArrayRef v) {

@@ -11,6 +11,15 @@
 
 namespace convbn {
 
+// `t` (the argument called `name`) is on input's device. Every tensor a
+// kernel reads must be: a CPU tensor handed to a CUDA kernel is a host
+// pointer, and the illegal address would end the CUDA context.
+void check_same_device(
+    const char* op,
+    const char* name,
+    const at::Tensor& t,
+    const at::Tensor& input);
+
 // Checks input/weight/bias/bn_weight/bn_bias and the conv hyper-parameters.
 // Returns the conv output's sizes (N, C_out, H_out, W_out). Sizes are
 // SymInts so that the checks also run on fake tensors with symbolic shapes

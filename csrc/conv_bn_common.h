@@ -47,13 +47,15 @@ inline at::ScalarType bn_param_dtype(
 }
 
 // save_mean is the mean of conv output + bias; the kernels see the conv
-// output without bias.
+// output without bias, as a dense vector: .to() returns save_mean itself
+// when its dtype already matches, and a caller's save_mean may be a strided
+// view, which the kernels (indexing mean[c]) would misread.
 inline at::Tensor mean_without_conv_bias(
     const at::Tensor& save_mean,
     const std::optional<at::Tensor>& bias,
     at::ScalarType dtype) {
   at::Tensor mean = save_mean.to(dtype);
-  return present(bias) ? mean - bias->to(dtype) : mean;
+  return (present(bias) ? mean - bias->to(dtype) : mean).contiguous();
 }
 
 // Forward: out = y * scale + shift, with

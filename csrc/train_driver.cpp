@@ -176,7 +176,34 @@ BatchNormGrads batch_norm_backward(
   return grads;
 }
 
-// What both backward ops check of grad_output and the saved statistics.
+// A tensor of the output's size that the kernels read beside input
+// (grad_output, a kept conv/linear output): its shape, dtype and device.
+void check_output_sized(
+    const char* op,
+    const char* name,
+    const at::Tensor& t,
+    c10::ArrayRef<c10::SymInt> out_sizes,
+    const at::Tensor& input) {
+  TORCH_CHECK(
+      t.sym_sizes() == out_sizes,
+      op, ": `", name, "` has shape ", t.sym_sizes(),
+      " but the output has shape ", out_sizes);
+  TORCH_CHECK(
+      t.scalar_type() == input.scalar_type(),
+      op, ": `", name, "` has dtype ", t.scalar_type(),
+      " but `input` has dtype ", input.scalar_type());
+  check_same_device(op, name, t, input);
+}
+
+// A kept map output (save-output mode) or nothing (memory-efficient mode,
+// or a caller that passes none): the backward then recomputes it.
+bool needs_recompute(const std::optional<at::Tensor>& kept_output) {
+  return !present(kept_output) || kept_output->numel() == 0;
+}
+
+// What every backward op checks before it computes anything: grad_output,
+// the saved statistics and, when one is passed, the kept map output
+// (`kept_name`: conv_output or linear_output).
 void check_backward_args(
     const char* op,
     const at::Tensor& grad_output,
@@ -184,23 +211,15 @@ void check_backward_args(
     const at::Tensor& input,
     int64_t channels,
     const at::Tensor& save_mean,
-    const at::Tensor& save_invstd) {
+    const at::Tensor& save_invstd,
+    const char* kept_name,
+    const std::optional<at::Tensor>& kept_output) {
   check_channel_vector(op, "save_mean", save_mean, channels, input);
   check_channel_vector(op, "save_invstd", save_invstd, channels, input);
-  TORCH_CHECK(
-      grad_output.sym_sizes() == out_sizes,
-      op, ": `grad_output` has shape ", grad_output.sizes(),
-      " but the output has shape ", out_sizes);
-  TORCH_CHECK(
-      grad_output.scalar_type() == input.scalar_type(),
-      op, ": `grad_output` has dtype ", grad_output.scalar_type(),
-      " but `input` has dtype ", input.scalar_type());
-}
-
-// A kept map output (save-output mode) or nothing (memory-efficient mode,
-// or a caller that passes none): the backward then recomputes it.
-bool needs_recompute(const std::optional<at::Tensor>& kept_output) {
-  return !present(kept_output) || kept_output->numel() == 0;
+  check_output_sized(op, "grad_output", grad_output, out_sizes, input);
+  if (!needs_recompute(kept_output)) {
+    check_output_sized(op, kept_name, *kept_output, out_sizes, input);
+  }
 }
 
 // The group of a synchronized op, checked.
@@ -312,16 +331,13 @@ conv_bn_backward(
       dilation, groups, eps);
   check_backward_args(
       op, grad_output, out_sizes, input, weight.size(0), save_mean,
-      save_invstd);
+      save_invstd, "conv_output", conv_output);
 
   const auto fmt = layout_of(input);
   const bool recompute = needs_recompute(conv_output);
   at::Tensor y = recompute
       ? conv_without_bias(input, weight, stride, padding, dilation, groups)
       : conv_output->contiguous(fmt);
-  TORCH_CHECK(
-      y.sym_sizes() == c10::SymIntArrayRef(out_sizes),
-      op, ": `conv_output` has shape ", y.sizes(), ", expected ", out_sizes);
   const int64_t count = group_count.value_or(values_per_channel(y));
   if (group_count.has_value()) {
     check_backward_count(op, count, values_per_channel(y));
@@ -399,14 +415,11 @@ linear_bn_backward(
       op, input, weight, bias, bn_weight, std::nullopt, eps);
   check_backward_args(
       op, grad_output, out_sizes, input, weight.size(0), save_mean,
-      save_invstd);
+      save_invstd, "linear_output", linear_output);
 
   const bool recompute = needs_recompute(linear_output);
   const at::Tensor y =
       recompute ? at::mm(input, weight.t()) : linear_output->contiguous();
-  TORCH_CHECK(
-      y.sym_sizes() == c10::SymIntArrayRef(out_sizes),
-      op, ": `linear_output` has shape ", y.sizes(), ", expected ", out_sizes);
   const int64_t count = group_count.value_or(y.size(0));
   if (group_count.has_value()) {
     check_backward_count(op, count, y.size(0));

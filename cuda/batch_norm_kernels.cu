@@ -10,12 +10,15 @@
 //                     driver asks (normalization into the conv output's
 //                     buffer; grad-input into the recomputed conv output)
 //
-// Each reduction has an NCHW kernel (a block walks a contiguous stretch of
-// one channel) and a channels_last kernel (a block's lanes span adjacent
+// Each reduction has an NCHW kernel (a block walks a chunk of one channel,
+// plane by plane) and a channels_last kernel (a block's lanes span adjacent
 // channels, so every load is coalesced). Blocks reduce chunks of a channel
 // into partials that a second kernel merges in a fixed order: results do
 // not depend on scheduling. Accumulation is in at::acc_type (float for
-// float16/bfloat16/float32, double for float64).
+// float16/bfloat16/float32, double for float64). Launch geometry and the
+// per-thread walks are in index_walk.h (64-bit counters, no division per
+// element), which tests/cpp checks on the CPU.
+#include "index_walk.h"
 #include "kernel_table.h"
 
 #include <ATen/ATen.h>
@@ -29,13 +32,14 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <limits>
+#include <array>
+#include <atomic>
 
 namespace convbn {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
+constexpr int kWarp = static_cast<int>(kWarpSize);
 
 // (c10 rather than ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE
 // headers this file does not need.)
@@ -43,11 +47,23 @@ cudaStream_t current_stream() {
   return c10::cuda::getCurrentCUDAStream().stream();
 }
 
+// The current device's multiprocessor count, asked of the driver once per
+// device (0 = not asked yet; two threads asking at once store the same).
 int64_t multiprocessor_count() {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(
-      &count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> counts{};
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  TORCH_INTERNAL_ASSERT(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS);
+  int count = counts[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(
+        &count, cudaDevAttrMultiProcessorCount, device));
+    counts[device].store(count, std::memory_order_relaxed);
+  }
   return count;
+}
+
+__device__ ThreadCoord this_thread() {
+  return {threadIdx.x, threadIdx.y, blockIdx.x, blockIdx.y};
 }
 
 // --- Reduction states ------------------------------------------------------
@@ -138,11 +154,33 @@ __device__ typename Op::State warp_reduce(const Op& op, typename Op::State s) {
   return s;
 }
 
-// --- NCHW: grid (C, chunks); block b of channel c walks values
-// [b * chunk, (b + 1) * chunk) of the channel's N * HW, plane by plane. ----
+// Reduces the flat thread's state over the block; thread 0 of warp 0 gets
+// the block's result. (State is a trivial aggregate, so a typed __shared__
+// array is allowed and correctly aligned; a reinterpreted char buffer would
+// not be.)
+template <typename Op, int kMaxThreads>
+__device__ typename Op::State block_reduce(const Op& op, typename Op::State s) {
+  using State = typename Op::State;
+  __shared__ State shared[kMaxThreads / kWarp];
+  const int flat = threadIdx.y * blockDim.x + threadIdx.x;
+  const int lane = flat % kWarp;
+  const int warp = flat / kWarp;
+  s = warp_reduce(op, s);
+  if (lane == 0) {
+    shared[warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x * blockDim.y / kWarp;
+    s = lane < warps ? shared[lane] : op.identity();
+    s = warp_reduce(op, s);
+  }
+  return s;
+}
 
-constexpr int kNchwThreads = 512;
-
+// NCHW: grid (C, chunks); block (x, y) reduces values
+// [blockIdx.y * chunk, (blockIdx.y + 1) * chunk) of channel blockIdx.x's
+// N * HW, threads y over its planes, threads x over a plane's values.
 template <typename Op>
 __global__ void reduce_nchw_kernel(
     Op op,
@@ -156,37 +194,18 @@ __global__ void reduce_nchw_kernel(
   const int64_t begin = blockIdx.y * chunk;
   const int64_t end = std::min<int64_t>(begin + chunk, batch * spatial);
   State s = op.identity();
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const int64_t n = i / spatial;
-    const int64_t hw = i - n * spatial;
-    op.push(s, (n * channels + c) * spatial + hw, c);
-  }
-  // State is a trivial aggregate, so a typed __shared__ array is allowed
-  // and correctly aligned (a reinterpreted char buffer would not be).
-  __shared__ State shared[kNchwThreads / kWarp];
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  s = warp_reduce(op, s);
-  if (lane == 0) {
-    shared[warp] = s;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    const int warps = blockDim.x / kWarp;
-    s = lane < warps ? shared[lane] : op.identity();
-    s = warp_reduce(op, s);
-    if (lane == 0) {
-      partial[blockIdx.y * channels + c] = s;
-    }
+  walk_channel_chunk_nchw(
+      begin, end, c, channels, spatial, threadIdx.x, threadIdx.y, blockDim.x,
+      blockDim.y, [&](int64_t offset) { op.push(s, offset, c); });
+  s = block_reduce<Op, kNchwReduceThreads>(op, s);
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    partial[blockIdx.y * channels + c] = s;
   }
 }
 
-// --- channels_last: grid (ceil(C / 32), chunks); block (32, kRowThreads):
+// channels_last: grid (ceil(C / 32), chunks); block (32, kRowsPerBlock):
 // lane x owns channel 32 * blockIdx.x + x, lanes y stride over the rows of
-// chunk blockIdx.y. ------------------------------------------------------------
-
-constexpr int kRowThreads = 16;
-
+// chunk blockIdx.y.
 template <typename Op>
 __global__ void reduce_channels_last_kernel(
     Op op,
@@ -195,20 +214,20 @@ __global__ void reduce_channels_last_kernel(
     int64_t chunk,
     typename Op::State* partial) {
   using State = typename Op::State;
-  const int64_t c = blockIdx.x * kWarp + threadIdx.x;
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kWarp) + threadIdx.x;
   const int64_t begin = blockIdx.y * chunk;
   const int64_t end = std::min<int64_t>(begin + chunk, rows);
   State s = op.identity();
   if (c < channels) {
-    for (int64_t r = begin + threadIdx.y; r < end; r += kRowThreads) {
-      op.push(s, r * channels + c, c);
-    }
+    walk_channel_chunk_rows(
+        begin, end, c, channels, threadIdx.y, kRowsPerBlock,
+        [&](int64_t offset) { op.push(s, offset, c); });
   }
-  __shared__ State shared[kWarp * kRowThreads];
+  __shared__ State shared[kWarp * kRowsPerBlock];
   shared[threadIdx.y * kWarp + threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && c < channels) {
-    for (int y = 1; y < kRowThreads; ++y) {
+    for (int y = 1; y < kRowsPerBlock; ++y) {
       s = op.combine(s, shared[y * kWarp + threadIdx.x]);
     }
     partial[blockIdx.y * channels + c] = s;
@@ -261,44 +280,34 @@ void reduce_per_channel(const at::Tensor& t, const Op& op, const Finish& finish)
   using State = typename Op::State;
   const int64_t batch = t.size(0), channels = t.size(1);
   const int64_t spatial = t.size(2) * t.size(3);
-  const int64_t per_channel = batch * spatial;
   const bool channels_last =
       t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const cudaStream_t stream = current_stream();
-  const int64_t sms = multiprocessor_count();
-
-  const int64_t channel_blocks =
-      channels_last ? (channels + kWarp - 1) / kWarp : channels;
-  const int64_t values_per_block_min =
-      channels_last ? kRowThreads * 32 : kNchwThreads * 8;
-  // About four waves of blocks, each with enough values to be worth it.
-  const int64_t chunks = std::max<int64_t>(
-      1,
-      std::min<int64_t>(
-          (4 * sms + channel_blocks - 1) / channel_blocks,
-          (per_channel + values_per_block_min - 1) / values_per_block_min));
-  TORCH_CHECK(chunks <= 65535, "convbn: too many chunks for a CUDA grid");
-  const int64_t chunk = (per_channel + chunks - 1) / chunks;
+  const ReductionLaunch geometry = reduction_launch(
+      batch, channels, spatial, channels_last, multiprocessor_count());
+  const Launch2d& l = geometry.launch;
+  TORCH_CHECK(
+      l.grid_y <= kMaxGridY, "convbn: too many chunks for a CUDA grid");
+  const int64_t chunks = l.grid_y;
 
   at::Tensor workspace = at::empty(
       {static_cast<int64_t>(chunks * channels * sizeof(State))},
       t.options().dtype(at::kByte));
   State* partial = reinterpret_cast<State*>(workspace.data_ptr());
+  const dim3 grid(l.grid_x, l.grid_y);
+  const dim3 block(l.block_x, l.block_y);
   if (channels_last) {
-    const dim3 grid(channel_blocks, chunks);
-    const dim3 block(kWarp, kRowThreads);
     reduce_channels_last_kernel<<<grid, block, 0, stream>>>(
-        op, per_channel, channels, chunk, partial);
+        op, batch * spatial, channels, geometry.chunk, partial);
   } else {
-    const dim3 grid(channels, chunks);
-    reduce_nchw_kernel<<<grid, kNchwThreads, 0, stream>>>(
-        op, batch, channels, spatial, chunk, partial);
+    reduce_nchw_kernel<<<grid, block, 0, stream>>>(
+        op, batch, channels, spatial, geometry.chunk, partial);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   constexpr int kMergeThreads = 128;
   merge_partials_kernel<<<
-      (channels + kMergeThreads - 1) / kMergeThreads, kMergeThreads, 0,
-      stream>>>(op, partial, chunks, channels, finish);
+      ceil_div(channels, kMergeThreads), kMergeThreads, 0, stream>>>(
+      op, partial, chunks, channels, finish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -334,8 +343,13 @@ void batch_grad_sums(
   });
 }
 
-template <typename scalar_t, typename acc_t, typename index_t, bool HasV, bool ChannelsLast>
+// out = a[c] * u + c0[c] (+ b[c] * (v - m[c])) over `outer` runs of `inner`
+// values (index_walk.h): in NCHW a run is one (sample, channel) plane, whose
+// coefficients are loaded once; in channels_last a run is one row of C
+// values, and the channel is the position in it.
+template <typename scalar_t, typename acc_t, bool HasV, bool ChannelsLast>
 __global__ void channel_affine_kernel(
+    Launch2d launch,
     scalar_t* out,
     const scalar_t* u,
     const acc_t* a,
@@ -343,19 +357,38 @@ __global__ void channel_affine_kernel(
     const acc_t* b,
     const acc_t* m,
     const acc_t* c0,
-    index_t numel,
-    index_t channels,
-    index_t spatial) {
-  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       i < numel; i += stride) {
-    const index_t c = ChannelsLast ? i % channels : (i / spatial) % channels;
-    acc_t r = a[c] * static_cast<acc_t>(u[i]) + c0[c];
-    if constexpr (HasV) {
-      r += b[c] * (static_cast<acc_t>(v[i]) - m[c]);
-    }
-    out[i] = static_cast<scalar_t>(r);
-  }
+    int64_t outer,
+    int64_t inner,
+    int64_t channels) {
+  acc_t run_a = 0, run_b = 0, run_m = 0, run_c0 = 0;
+  walk_elementwise(
+      launch, this_thread(), outer, inner,
+      [&](int64_t run) {
+        if constexpr (!ChannelsLast) {
+          const int64_t c = run % channels;
+          run_a = a[c];
+          run_c0 = c0[c];
+          if constexpr (HasV) {
+            run_b = b[c];
+            run_m = m[c];
+          }
+        }
+      },
+      [&](int64_t offset, int64_t position) {
+        if constexpr (ChannelsLast) {
+          run_a = a[position];
+          run_c0 = c0[position];
+          if constexpr (HasV) {
+            run_b = b[position];
+            run_m = m[position];
+          }
+        }
+        acc_t r = run_a * static_cast<acc_t>(u[offset]) + run_c0;
+        if constexpr (HasV) {
+          r += run_b * (static_cast<acc_t>(v[offset]) - run_m);
+        }
+        out[offset] = static_cast<scalar_t>(r);
+      });
 }
 
 void channel_affine(
@@ -364,52 +397,40 @@ void channel_affine(
     const at::Tensor& a,
     const at::Tensor& c0,
     const CenteredTerm* centered) {
-  const int64_t numel = u.numel();
   const int64_t channels = u.size(1);
   const int64_t spatial = u.size(2) * u.size(3);
   const bool channels_last =
       u.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const int64_t outer = channels_last ? u.size(0) * spatial : u.size(0) * channels;
+  const int64_t inner = channels_last ? channels : spatial;
   const cudaStream_t stream = current_stream();
-  constexpr int kThreads = 256;
-  const int64_t sms = multiprocessor_count();
-  const int64_t blocks = std::min<int64_t>(
-      (numel + kThreads - 1) / kThreads, sms * 32);
+  const Launch2d l = elementwise_launch(outer, inner, multiprocessor_count());
   CONVBN_CUDA_DISPATCH(u.scalar_type(), "convbn_channel_affine_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    auto launch = [&](auto index_tag, auto has_v, auto cl) {
-      using index_t = decltype(index_tag);
+    auto launch = [&](auto has_v, auto cl) {
       constexpr bool HasV = decltype(has_v)::value;
       constexpr bool CL = decltype(cl)::value;
-      channel_affine_kernel<scalar_t, acc_t, index_t, HasV, CL>
-          <<<blocks, kThreads, 0, stream>>>(
-              out.data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+      channel_affine_kernel<scalar_t, acc_t, HasV, CL>
+          <<<dim3(l.grid_x, l.grid_y), dim3(l.block_x, l.block_y), 0, stream>>>(
+              l, out.data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
               a.const_data_ptr<acc_t>(),
               HasV ? centered->v.const_data_ptr<scalar_t>() : nullptr,
               HasV ? centered->b.const_data_ptr<acc_t>() : nullptr,
               HasV ? centered->m.const_data_ptr<acc_t>() : nullptr,
-              c0.const_data_ptr<acc_t>(), static_cast<index_t>(numel),
-              static_cast<index_t>(channels), static_cast<index_t>(spatial));
+              c0.const_data_ptr<acc_t>(), outer, inner, channels);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    auto with_layout = [&](auto index_tag, auto has_v) {
+    auto with_layout = [&](auto has_v) {
       if (channels_last) {
-        launch(index_tag, has_v, std::true_type{});
+        launch(has_v, std::true_type{});
       } else {
-        launch(index_tag, has_v, std::false_type{});
+        launch(has_v, std::false_type{});
       }
     };
-    auto with_centered = [&](auto index_tag) {
-      if (centered != nullptr) {
-        with_layout(index_tag, std::true_type{});
-      } else {
-        with_layout(index_tag, std::false_type{});
-      }
-    };
-    // 32-bit indexing where every index fits, 64-bit past 2^31 elements.
-    if (numel <= std::numeric_limits<int32_t>::max()) {
-      with_centered(int32_t{0});
+    if (centered != nullptr) {
+      with_layout(std::true_type{});
     } else {
-      with_centered(int64_t{0});
+      with_layout(std::false_type{});
     }
   });
 }

@@ -50,21 +50,39 @@ def test_half_types_match_the_pair_in_float32(dtype, channels_last, memory_effic
     torch.testing.assert_close(fused.running_var.float(), ref_bn.running_var, rtol=tol, atol=tol)
 
 
-def test_more_than_2_pow_31_elements():
-    # 2^31 + a few elements of float16 (4 GiB), through the 64-bit-index paths.
-    n, c, h, w = 2, 16, 8192, 8193
-    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
-        pytest.skip("needs a GPU with 40 GiB")
+# Just below 2^31 elements (2^31 - 2: one grid stride short, where a 32-bit
+# loop counter would wrap) and past it, in both layouts: every element of
+# the output and of the input's gradient against the float16 pair.
+# tests/cpp/test_index_walk.cpp checks the same launches' indexing on the CPU.
+@pytest.mark.parametrize("shape", [(2, 3, 3, 119304647), (2, 16, 8192, 8193)],
+                         ids=["just_below_2pow31", "past_2pow31"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_around_2_pow_31_elements(shape, channels_last):
+    if torch.cuda.get_device_properties(0).total_memory < 80 * 2**30:
+        pytest.skip("needs a GPU with 80 GiB")
+    n, c, h, w = shape
     conv = nn.Conv2d(c, c, 1, groups=c, bias=False).cuda().half()
     bn = nn.BatchNorm2d(c).cuda().half()
-    fused = ConvBN2d.from_modules(conv, bn)
-    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.float16)
-    assert x.numel() > 2**31
     with torch.no_grad():
-        out = fused(x)
-        ref = bn(conv(x))
-    torch.testing.assert_close(out[:, :, -4:, -4:].float(), ref[:, :, -4:, -4:].float(), rtol=2e-2, atol=2e-2)
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_()
+    fused = ConvBN2d.from_modules(conv, bn)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)
+    assert abs(x.numel() - 2**31) < 2**31 // 8
+    x.requires_grad_()
+    out = fused(x)
+    assert out.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, x, g)
+    x_ref = x.detach().requires_grad_()
+    ref = bn(conv(x_ref))
+    (grad_ref,) = torch.autograd.grad(ref, x_ref, g)
+    del g
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    del out, ref
+    torch.testing.assert_close(grad_x, grad_ref, rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(fused.running_mean.float(), bn.running_mean.float(), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(fused.running_var.float(), bn.running_var.float(), rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -52,7 +52,8 @@ def _conv_bn_train_backward_fake(
     stride, padding, dilation, groups, eps, output_mask,
 ):
     _check_same_device("convbn.conv_bn_train_backward", input, grad_output=grad_output,
-                       weight=weight, bias=bias, bn_weight=bn_weight)
+                       weight=weight, bias=bias, bn_weight=bn_weight, conv_output=conv_output,
+                       save_mean=save_mean, save_invstd=save_invstd)
     return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
 
 
@@ -74,7 +75,8 @@ def _sync_conv_bn_train_backward_fake(
     stride, padding, dilation, groups, eps, group_name, group_size, count, output_mask,
 ):
     _check_same_device("convbn.sync_conv_bn_train_backward", input, grad_output=grad_output,
-                       weight=weight, bias=bias, bn_weight=bn_weight)
+                       weight=weight, bias=bias, bn_weight=bn_weight, conv_output=conv_output,
+                       save_mean=save_mean, save_invstd=save_invstd)
     return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
 
 
@@ -95,7 +97,8 @@ def _linear_bn_train_backward_fake(
     grad_output, input, weight, bias, bn_weight, linear_output, save_mean, save_invstd, eps, output_mask,
 ):
     _check_same_device("convbn.linear_bn_train_backward", input, grad_output=grad_output,
-                       weight=weight, bias=bias, bn_weight=bn_weight)
+                       weight=weight, bias=bias, bn_weight=bn_weight, linear_output=linear_output,
+                       save_mean=save_mean, save_invstd=save_invstd)
     return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
 
 
@@ -113,7 +116,8 @@ def _sync_linear_bn_train_backward_fake(
     group_name, group_size, count, output_mask,
 ):
     _check_same_device("convbn.sync_linear_bn_train_backward", input, grad_output=grad_output,
-                       weight=weight, bias=bias, bn_weight=bn_weight)
+                       weight=weight, bias=bias, bn_weight=bn_weight, linear_output=linear_output,
+                       save_mean=save_mean, save_invstd=save_invstd)
     return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
 
 
