@@ -343,49 +343,34 @@ void batch_grad_sums(
   });
 }
 
-// out = a[c] * u + c0[c] (+ b[c] * (v - m[c])) over `outer` runs of `inner`
-// values (index_walk.h): in NCHW a run is one (sample, channel) plane, whose
-// coefficients are loaded once; in channels_last a run is one row of C
-// values, and the channel is the position in it.
-template <typename scalar_t, typename acc_t, bool HasV, bool ChannelsLast>
+// out = a[c] * u + c0[c] (+ b[c] * (v - m[c])), elementwise; the walk
+// (index_walk.h) says when the channel changes, and the coefficients are
+// loaded then: once per plane (NCHW) or per thread (channels_last).
+template <typename scalar_t, typename acc_t, bool HasV>
 __global__ void channel_affine_kernel(
-    Launch2d launch,
+    ElementwiseLaunch walk,
     scalar_t* out,
     const scalar_t* u,
     const acc_t* a,
     const scalar_t* v,
     const acc_t* b,
     const acc_t* m,
-    const acc_t* c0,
-    int64_t outer,
-    int64_t inner,
-    int64_t channels) {
-  acc_t run_a = 0, run_b = 0, run_m = 0, run_c0 = 0;
+    const acc_t* c0) {
+  acc_t channel_a = 0, channel_b = 0, channel_m = 0, channel_c0 = 0;
   walk_elementwise(
-      launch, this_thread(), outer, inner,
-      [&](int64_t run) {
-        if constexpr (!ChannelsLast) {
-          const int64_t c = run % channels;
-          run_a = a[c];
-          run_c0 = c0[c];
-          if constexpr (HasV) {
-            run_b = b[c];
-            run_m = m[c];
-          }
+      walk, this_thread(),
+      [&](int64_t c) {
+        channel_a = a[c];
+        channel_c0 = c0[c];
+        if constexpr (HasV) {
+          channel_b = b[c];
+          channel_m = m[c];
         }
       },
-      [&](int64_t offset, int64_t position) {
-        if constexpr (ChannelsLast) {
-          run_a = a[position];
-          run_c0 = c0[position];
-          if constexpr (HasV) {
-            run_b = b[position];
-            run_m = m[position];
-          }
-        }
-        acc_t r = run_a * static_cast<acc_t>(u[offset]) + run_c0;
+      [&](int64_t offset) {
+        acc_t r = channel_a * static_cast<acc_t>(u[offset]) + channel_c0;
         if constexpr (HasV) {
-          r += run_b * (static_cast<acc_t>(v[offset]) - run_m);
+          r += channel_b * (static_cast<acc_t>(v[offset]) - channel_m);
         }
         out[offset] = static_cast<scalar_t>(r);
       });
@@ -397,40 +382,31 @@ void channel_affine(
     const at::Tensor& a,
     const at::Tensor& c0,
     const CenteredTerm* centered) {
-  const int64_t channels = u.size(1);
-  const int64_t spatial = u.size(2) * u.size(3);
   const bool channels_last =
       u.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  const int64_t outer = channels_last ? u.size(0) * spatial : u.size(0) * channels;
-  const int64_t inner = channels_last ? channels : spatial;
   const cudaStream_t stream = current_stream();
-  const Launch2d l = elementwise_launch(outer, inner, multiprocessor_count());
+  const ElementwiseLaunch walk = elementwise_launch(
+      u.size(0), u.size(1), u.size(2) * u.size(3), channels_last,
+      multiprocessor_count());
+  const Launch2d& l = walk.launch;
   CONVBN_CUDA_DISPATCH(u.scalar_type(), "convbn_channel_affine_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    auto launch = [&](auto has_v, auto cl) {
+    auto launch = [&](auto has_v) {
       constexpr bool HasV = decltype(has_v)::value;
-      constexpr bool CL = decltype(cl)::value;
-      channel_affine_kernel<scalar_t, acc_t, HasV, CL>
+      channel_affine_kernel<scalar_t, acc_t, HasV>
           <<<dim3(l.grid_x, l.grid_y), dim3(l.block_x, l.block_y), 0, stream>>>(
-              l, out.data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+              walk, out.data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
               a.const_data_ptr<acc_t>(),
               HasV ? centered->v.const_data_ptr<scalar_t>() : nullptr,
               HasV ? centered->b.const_data_ptr<acc_t>() : nullptr,
               HasV ? centered->m.const_data_ptr<acc_t>() : nullptr,
-              c0.const_data_ptr<acc_t>(), outer, inner, channels);
+              c0.const_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    auto with_layout = [&](auto has_v) {
-      if (channels_last) {
-        launch(has_v, std::true_type{});
-      } else {
-        launch(has_v, std::false_type{});
-      }
-    };
     if (centered != nullptr) {
-      with_layout(std::true_type{});
+      launch(std::true_type{});
     } else {
-      with_layout(std::false_type{});
+      launch(std::false_type{});
     }
   });
 }

@@ -53,57 +53,118 @@ struct ThreadCoord {
 };
 
 // --- Elementwise passes (channel_affine) ------------------------------------
-// The tensor as `outer` runs of `inner` contiguous values:
-//   NCHW:          outer = N * C planes, inner = H * W; channel = run % C
-//   channels_last: outer = N * H * W rows, inner = C;   channel = position
-// Threads x walk the values of a run (coalesced), threads y walk runs.
+// Each thread tells the kernel an element's channel through on_channel(c)
+// (where it loads that channel's coefficients) before on_element(offset)
+// for elements of that channel. Three walks:
+//   kPlanes (NCHW): runs of H * W contiguous values, one per (sample,
+//     channel) plane; threads y take planes, threads x a plane's values.
+//     The channel is found once per plane.
+//   kStridedChannels (channels_last): a flat grid-stride loop whose stride
+//     is a multiple of C, so a thread's elements all have its first one's
+//     channel: one modulo per thread, and every lane busy however small C.
+//   kRows (channels_last, when no grid of a sensible size has a multiple of
+//     C threads, i.e. C large and odd): rows of C values, the channel being
+//     the position in the row.
 
 constexpr int64_t kElementwiseThreads = 256;
 
-inline Launch2d elementwise_launch(
-    int64_t outer,
-    int64_t inner,
+enum class ElementwiseWalk { kPlanes, kStridedChannels, kRows };
+
+struct ElementwiseLaunch {
+  ElementwiseWalk walk;
+  Launch2d launch;
+  int64_t numel, channels;
+  int64_t outer, inner; // kPlanes and kRows: runs and values per run
+};
+
+inline int64_t gcd(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t r = a % b;
+    a = b;
+    b = r;
+  }
+  return a;
+}
+
+inline ElementwiseLaunch elementwise_launch(
+    int64_t batch,
+    int64_t channels,
+    int64_t spatial,
+    bool channels_last,
     int64_t multiprocessors) {
-  const int64_t block_x =
-      pow2_at_least(inner, kWarpSize, kElementwiseThreads);
-  const int64_t block_y = kElementwiseThreads / block_x;
+  const int64_t numel = batch * channels * spatial;
   // At most 32 blocks of 256 threads per multiprocessor; the loops stride
   // over the rest.
   const int64_t max_blocks = std::max<int64_t>(multiprocessors, 1) * 32;
-  const int64_t grid_x = std::min(ceil_div(inner, block_x), max_blocks);
-  const int64_t grid_y = std::min(
-      {ceil_div(outer, block_y), std::max<int64_t>(max_blocks / grid_x, 1),
-       kMaxGridY});
-  return {block_x, block_y, std::max<int64_t>(grid_x, 1),
-          std::max<int64_t>(grid_y, 1)};
+  auto runs = [&](ElementwiseWalk walk, int64_t outer, int64_t inner) {
+    const int64_t block_x =
+        pow2_at_least(inner, kWarpSize, kElementwiseThreads);
+    const int64_t block_y = kElementwiseThreads / block_x;
+    const int64_t grid_x =
+        std::max<int64_t>(std::min(ceil_div(inner, block_x), max_blocks), 1);
+    const int64_t grid_y = std::min(
+        {std::max<int64_t>(ceil_div(outer, block_y), 1),
+         std::max<int64_t>(max_blocks / grid_x, 1), kMaxGridY});
+    return ElementwiseLaunch{
+        walk, {block_x, block_y, grid_x, grid_y}, numel, channels, outer,
+        inner};
+  };
+  if (!channels_last) {
+    return runs(ElementwiseWalk::kPlanes, batch * channels, spatial);
+  }
+  // Blocks per period: the fewest blocks whose threads number a multiple
+  // of C.
+  const int64_t period = channels / gcd(channels, kElementwiseThreads);
+  if (period > max_blocks) {
+    return runs(ElementwiseWalk::kRows, batch * spatial, channels);
+  }
+  const int64_t blocks = ceil_div(
+      std::max<int64_t>(std::min(ceil_div(numel, kElementwiseThreads), max_blocks), 1),
+      period) * period;
+  return ElementwiseLaunch{
+      ElementwiseWalk::kStridedChannels,
+      {kElementwiseThreads, 1, blocks, 1}, numel, channels, 0, 0};
 }
 
-// Calls on_run(run) once before each run the thread takes part in (where a
-// kernel loads that run's per-channel values), then on_element(offset,
-// position) for each of its values in that run.
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-template <typename OnRun, typename OnElement>
+template <typename OnChannel, typename OnElement>
 CONVBN_HOST_DEVICE inline void walk_elementwise(
-    const Launch2d& launch,
+    const ElementwiseLaunch& w,
     const ThreadCoord& thread,
-    int64_t outer,
-    int64_t inner,
-    OnRun&& on_run,
+    OnChannel&& on_channel,
     OnElement&& on_element) {
-  const int64_t first = thread.bx * launch.block_x + thread.tx;
-  if (first >= inner) {
+  const Launch2d& l = w.launch;
+  const int64_t first = thread.bx * l.block_x + thread.tx;
+  const int64_t x_step = l.grid_x * l.block_x;
+  if (w.walk == ElementwiseWalk::kStridedChannels) {
+    if (first >= w.numel) {
+      return;
+    }
+    on_channel(first % w.channels); // x_step is a multiple of C
+    for (int64_t i = first; i < w.numel; i += x_step) {
+      on_element(i);
+    }
+    return;
+  }
+  if (first >= w.inner) {
     return; // no value of any run is this thread's
   }
-  const int64_t inner_step = launch.grid_x * launch.block_x;
-  const int64_t outer_step = launch.grid_y * launch.block_y;
-  for (int64_t run = thread.by * launch.block_y + thread.ty; run < outer;
-       run += outer_step) {
-    on_run(run);
-    const int64_t base = run * inner;
-    for (int64_t i = first; i < inner; i += inner_step) {
-      on_element(base + i, i);
+  const int64_t y_step = l.grid_y * l.block_y;
+  for (int64_t run = thread.by * l.block_y + thread.ty; run < w.outer;
+       run += y_step) {
+    const int64_t base = run * w.inner;
+    if (w.walk == ElementwiseWalk::kPlanes) {
+      on_channel(run % w.channels);
+      for (int64_t i = first; i < w.inner; i += x_step) {
+        on_element(base + i);
+      }
+    } else { // kRows
+      for (int64_t i = first; i < w.inner; i += x_step) {
+        on_channel(i);
+        on_element(base + i);
+      }
     }
   }
 }

@@ -8,12 +8,15 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace {
 
 using convbn::cuda::elementwise_launch;
+using convbn::cuda::ElementwiseLaunch;
+using convbn::cuda::ElementwiseWalk;
 using convbn::cuda::kWarpSize;
 using convbn::cuda::Launch2d;
 using convbn::cuda::reduction_launch;
@@ -95,34 +98,44 @@ int64_t channel_of(const Shape& s, bool channels_last, int64_t offset) {
 }
 
 // Every thread of channel_affine's launch, as batch_norm_kernels.cu sets it
-// up: NCHW runs are planes, channels_last runs are rows.
-void check_elementwise(const Shape& s, bool channels_last, int64_t sms) {
+// up, with the walk it picks for the layout.
+void check_elementwise(
+    const Shape& s,
+    bool channels_last,
+    int64_t sms,
+    std::optional<ElementwiseWalk> expected_walk = std::nullopt) {
   const bool small = s.numel() <= (int64_t(1) << 24);
-  const int64_t outer =
-      channels_last ? s.batch * s.spatial : s.batch * s.channels;
-  const int64_t inner = channels_last ? s.channels : s.spatial;
-  const Launch2d l = elementwise_launch(outer, inner, sms);
+  const ElementwiseLaunch w =
+      elementwise_launch(s.batch, s.channels, s.spatial, channels_last, sms);
+  const Launch2d& l = w.launch;
   const std::string what = "elementwise, " + describe(s, channels_last, sms);
+  if (expected_walk) {
+    ASSERT_EQ(w.walk, *expected_walk) << what;
+  }
   ASSERT_LE(l.grid_y, 65535) << what;
   ASSERT_EQ(l.block_x * l.block_y, 256) << what;
+  if (w.walk == ElementwiseWalk::kStridedChannels) {
+    // What makes a thread's channel fixed.
+    ASSERT_EQ((l.grid_x * l.block_x) % s.channels, 0) << what;
+  }
   Coverage coverage(s.numel(), small);
   int64_t misplaced = 0;
   for (int64_t by = 0; by < l.grid_y; ++by) {
     for (int64_t bx = 0; bx < l.grid_x; ++bx) {
       for (int64_t ty = 0; ty < l.block_y; ++ty) {
         for (int64_t tx = 0; tx < l.block_x; ++tx) {
-          int64_t run = -1;
+          int64_t channel = -1;
           walk_elementwise(
-              l, ThreadCoord{tx, ty, bx, by}, outer, inner,
-              [&](int64_t r) { run = r; },
-              [&](int64_t offset, int64_t position) {
+              w, ThreadCoord{tx, ty, bx, by},
+              [&](int64_t c) { channel = c; },
+              [&](int64_t offset) {
                 coverage.visit(offset);
-                // The kernel takes the channel from the run (NCHW) or the
-                // position (channels_last): both must be the element's.
-                misplaced += offset != run * inner + position;
+                // The coefficients the kernel uses are those of the last
+                // channel it was told: it must be the element's.
                 if (small) {
-                  const int64_t c = channels_last ? position : run % s.channels;
-                  misplaced += c != channel_of(s, channels_last, offset);
+                  misplaced += channel != channel_of(s, channels_last, offset);
+                } else {
+                  misplaced += channel < 0 || channel >= s.channels;
                 }
               });
         }
@@ -197,6 +210,18 @@ TEST(IndexWalk, ElementwiseVisitsEveryElementOnceSmallShapes) {
   }
 }
 
+TEST(IndexWalk, ElementwiseWalkFitsTheLayout) {
+  check_elementwise({3, 5, 7}, false, 132, ElementwiseWalk::kPlanes);
+  // channels_last: any C whose period fits the grid walks with a fixed
+  // channel per thread, however small or odd C is...
+  for (int64_t c : {1, 3, 16, 96, 1000, 2048}) {
+    check_elementwise({5, c, 9}, true, 132, ElementwiseWalk::kStridedChannels);
+  }
+  // ...and a large odd C (period 4229 > 32 * 4 blocks) walks rows.
+  check_elementwise({3, 4229, 5}, true, 4, ElementwiseWalk::kRows);
+  check_elementwise({2, 4229, 1}, true, 1, ElementwiseWalk::kRows);
+}
+
 TEST(IndexWalk, ReductionVisitsEveryElementOnceSmallShapes) {
   for (const Shape& s : kSmallShapes) {
     for (bool cl : {false, true}) {
@@ -221,6 +246,7 @@ TEST(IndexWalk, ElementwiseNear2Pow31Elements) {
     check_elementwise(kJustBelow2Pow31, cl, 132);
   }
   check_elementwise(kManyPlanesBelow2Pow31, false, 132);
+  check_elementwise(kManyPlanesBelow2Pow31, true, 132);
   check_elementwise(kPast2Pow31, true, 132);
 }
 
