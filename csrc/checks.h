@@ -71,7 +71,10 @@ void check_eps(const char* op, double eps);
 // float16/bfloat16 data, as cuDNN and ATen do.
 at::ScalarType stats_dtype(at::ScalarType data_dtype);
 
-// The memory format of a 4-D tensor that our kernels handle directly.
+// The layout the training ops compute in: the input's, to which the
+// driver makes every tensor the kernels read dense with .contiguous() (the
+// kernels then tell which layout an operand is dense in from is_contiguous,
+// kernel_table.h).
 inline at::MemoryFormat layout_of(const at::Tensor& t) {
   return t.suggest_memory_format();
 }

@@ -60,7 +60,7 @@ struct NormalizedBatch {
 };
 
 // The forward after the linear map. y is its output without bias: 4-D,
-// dense in its suggested memory format, and the caller's to overwrite.
+// dense in the input's layout (layout_of), and the caller's to overwrite.
 // With a group, the statistics are the group's (the caller checks count).
 NormalizedBatch normalize_batch(
     const KernelTable& kernels,

@@ -34,6 +34,9 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <initializer_list>
+#include <limits>
+#include <utility>
 
 namespace convbn {
 namespace cuda {
@@ -191,11 +194,10 @@ __global__ void reduce_nchw_kernel(
     typename Op::State* partial) {
   using State = typename Op::State;
   const int64_t c = blockIdx.x;
-  const int64_t begin = blockIdx.y * chunk;
-  const int64_t end = std::min<int64_t>(begin + chunk, batch * spatial);
+  const ChunkRange range = chunk_range(blockIdx.y, chunk, batch * spatial);
   State s = op.identity();
   walk_channel_chunk_nchw(
-      begin, end, c, channels, spatial, threadIdx.x, threadIdx.y, blockDim.x,
+      range.begin, range.end, c, channels, spatial, threadIdx.x, threadIdx.y, blockDim.x,
       blockDim.y, [&](int64_t offset) { op.push(s, offset, c); });
   s = block_reduce<Op, kNchwReduceThreads>(op, s);
   if (threadIdx.x == 0 && threadIdx.y == 0) {
@@ -214,13 +216,12 @@ __global__ void reduce_channels_last_kernel(
     int64_t chunk,
     typename Op::State* partial) {
   using State = typename Op::State;
-  const int64_t c = blockIdx.x * static_cast<int64_t>(kWarp) + threadIdx.x;
-  const int64_t begin = blockIdx.y * chunk;
-  const int64_t end = std::min<int64_t>(begin + chunk, rows);
+  const int64_t c = lane_channel(blockIdx.x, threadIdx.x);
+  const ChunkRange range = chunk_range(blockIdx.y, chunk, rows);
   State s = op.identity();
   if (c < channels) {
     walk_channel_chunk_rows(
-        begin, end, c, channels, threadIdx.y, kRowsPerBlock,
+        range.begin, range.end, c, channels, threadIdx.y, kRowsPerBlock,
         [&](int64_t offset) { op.push(s, offset, c); });
   }
   __shared__ State shared[kWarp * kRowsPerBlock];
@@ -274,20 +275,30 @@ struct FinishGradSums {
 };
 
 // Runs the two-stage reduction of `op` over the 4-D tensor `t` (its layout
-// decides the kernel) and hands each channel's result to `finish`.
+// decides the kernel; `also_walked` are the other tensors op reads at the
+// same offsets) and hands each channel's result to `finish`.
 template <typename Op, typename Finish>
-void reduce_per_channel(const at::Tensor& t, const Op& op, const Finish& finish) {
+void reduce_per_channel(
+    const at::Tensor& t,
+    const Op& op,
+    const Finish& finish,
+    std::initializer_list<std::pair<const at::Tensor*, const char*>>
+        also_walked = {}) {
   using State = typename Op::State;
   const int64_t batch = t.size(0), channels = t.size(1);
   const int64_t spatial = t.size(2) * t.size(3);
-  const bool channels_last =
-      t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const bool channels_last = walks_channels_last(t);
+  for (const auto& [other, name] : also_walked) {
+    check_walks_like(*other, channels_last, name);
+  }
   const cudaStream_t stream = current_stream();
   const ReductionLaunch geometry = reduction_launch(
       batch, channels, spatial, channels_last, multiprocessor_count());
   const Launch2d& l = geometry.launch;
   TORCH_CHECK(
-      l.grid_y <= kMaxGridY, "convbn: too many chunks for a CUDA grid");
+      l.grid_y <= kMaxGridY && l.grid_x <= std::numeric_limits<int32_t>::max(),
+      "convbn: a CUDA grid of ", l.grid_x, " x ", l.grid_y, " blocks is "
+      "over CUDA's limits (", channels, " channels)");
   const int64_t chunks = l.grid_y;
 
   at::Tensor workspace = at::empty(
@@ -339,7 +350,8 @@ void batch_grad_sums(
             dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
             mean.const_data_ptr<acc_t>()},
         FinishGradSums<acc_t>{
-            sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>()});
+            sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>()},
+        {{&dy, "dy"}});
   });
 }
 
@@ -382,8 +394,11 @@ void channel_affine(
     const at::Tensor& a,
     const at::Tensor& c0,
     const CenteredTerm* centered) {
-  const bool channels_last =
-      u.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const bool channels_last = walks_channels_last(u);
+  check_walks_like(out, channels_last, "out");
+  if (centered != nullptr) {
+    check_walks_like(centered->v, channels_last, "v");
+  }
   const cudaStream_t stream = current_stream();
   const ElementwiseLaunch walk = elementwise_launch(
       u.size(0), u.size(1), u.size(2) * u.size(3), channels_last,

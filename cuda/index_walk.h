@@ -221,6 +221,25 @@ inline ReductionLaunch reduction_launch(
   return {launch, chunk};
 }
 
+// The values [begin, end) of each channel that chunk `index` reduces.
+struct ChunkRange {
+  int64_t begin, end;
+};
+
+CONVBN_HOST_DEVICE inline ChunkRange chunk_range(
+    int64_t index,
+    int64_t chunk,
+    int64_t per_channel) {
+  const int64_t begin = index * chunk;
+  return {begin, begin + chunk < per_channel ? begin + chunk : per_channel};
+}
+
+// channels_last: the channel that lane x of channel block `block` owns (the
+// lane has nothing to do where it is >= C).
+CONVBN_HOST_DEVICE inline int64_t lane_channel(int64_t block, int64_t lane) {
+  return block * kWarpSize + lane;
+}
+
 // NCHW: the values [begin, end) of `channel` (of the channel's N * spatial),
 // for thread (tx, ty) of a block_x * block_y block.
 #if defined(__CUDACC__)

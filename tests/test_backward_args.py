@@ -156,3 +156,64 @@ def test_strided_saved_statistics_give_the_pairs_gradients(device, name, bias, m
     for got, ref, what in zip(
             [grads[0], grads[1], grads[3], grads[4]], expected, ["input", "weight", "bn_weight", "bn_bias"]):
         assert_close_to_reference(got, ref, dtype, what)
+
+
+# grad_output dense in channels_last whose size-1 dimension has another
+# stride than the canonical one: is_contiguous(channels_last) holds (so the
+# driver keeps it as it is) while suggest_memory_format() says NCHW. Kernels
+# that took the layout from the latter walked it as NCHW: wrong gradients.
+ODD_STRIDED_GRADS = [
+    ((2, 3, 5, 1), (20, 1, 4, 1)),   # W = 1, W-stride 1 instead of 4
+    ((2, 3, 1, 5), (20, 1, 1, 4)),   # H = 1, H-stride 1 instead of 20
+    ((1, 3, 5, 5), (1, 1, 20, 4)),   # N = 1, N-stride 1 instead of 100
+]
+
+
+@pytest.mark.parametrize("input_shape,grad_strides", ODD_STRIDED_GRADS)
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_channels_last_grad_output_with_odd_size_one_strides(device, input_shape, grad_strides,
+                                                              memory_efficient):
+    x = torch.randn(input_shape, device=device, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(4, 3, 1, 1, device=device, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    gamma = torch.rand(4, device=device, dtype=torch.float64) + 0.5
+    beta = torch.randn(4, device=device, dtype=torch.float64)
+    out, mean, invstd, kept = OPS.conv_bn_train(
+        x, w, None, gamma, beta, [1, 1], [0, 0], [1, 1], 1, EPS, memory_efficient)
+    storage = torch.randn(out.numel(), device=device, dtype=torch.float64)
+    grad = storage.as_strided(out.shape, grad_strides)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    # ...with strides other than channels_last's own (the misleading case).
+    assert grad.stride() != torch.empty(out.shape, memory_format=torch.channels_last).stride()
+    grads = OPS.conv_bn_train_backward(
+        grad, x, w, None, gamma, kept, mean, invstd, [1, 1], [0, 0], [1, 1], 1, EPS, ALL)
+    leaves = [t.clone().requires_grad_() for t in (x, w, gamma, beta)]
+    ref_out = nn.functional.batch_norm(
+        nn.functional.conv2d(leaves[0], leaves[1]), None, None, leaves[2], leaves[3], training=True, eps=EPS)
+    expected = torch.autograd.grad(ref_out, leaves, grad)
+    for got, ref, what in zip([grads[0], grads[1], grads[3], grads[4]], expected,
+                              ["input", "weight", "bn_weight", "bn_bias"]):
+        assert_close_to_reference(got, ref, torch.float64, what)
+
+
+def test_module_gradient_through_squeeze_and_transpose(device):
+    """The same case as a user meets it: a channels_last layer whose output
+    is squeezed and transposed before the loss."""
+    from convbn import ConvBN2d
+    conv = nn.Conv2d(3, 4, 1).to(device, torch.float64)
+    bn = nn.BatchNorm2d(4).to(device, torch.float64)
+    fused = ConvBN2d.from_modules(conv, bn)
+    x = torch.randn(2, 3, 5, 1, device=device, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    target = torch.randn(2, 5, 4, device=device, dtype=torch.float64)
+
+    def grads(layer_params, forward):
+        xi = x.clone().requires_grad_()
+        loss = (forward(xi).squeeze(-1).transpose(1, 2) * target).sum()
+        return torch.autograd.grad(loss, [xi, *layer_params])
+
+    got = grads([fused.weight, fused.bn_weight, fused.bn_bias], fused)
+    ref = grads([conv.weight, bn.weight, bn.bias], lambda t: bn(conv(t)))
+    for g, r, what in zip(got, ref, ["input", "weight", "bn_weight", "bn_bias"]):
+        assert_close_to_reference(g, r, torch.float64, what)

@@ -57,15 +57,9 @@ struct ChannelLayout {
   }
 };
 
-// `t` must be dense in its suggested memory format (the kernel file makes
-// sure of it). When both layouts describe the same memory (H = W = 1 or
-// C = 1) either choice addresses the same elements.
+// The layout `t` is walked in (walks_channels_last, kernel_table.h).
 inline ChannelLayout channel_layout(const at::Tensor& t) {
-  return {
-      t.suggest_memory_format() == at::MemoryFormat::ChannelsLast,
-      t.size(0),
-      t.size(1),
-      t.size(2) * t.size(3)};
+  return {walks_channels_last(t), t.size(0), t.size(1), t.size(2) * t.size(3)};
 }
 
 // Sums one vector register's lanes in a fixed order.
@@ -420,6 +414,7 @@ void batch_grad_sums(
     at::Tensor& sum_dy_xmu) {
   using acc_t = opmath_t<T>;
   const ChannelLayout L = channel_layout(y);
+  check_walks_like(dy, L.channels_last, "dy");
   const int64_t C = L.channels, HW = L.spatial;
   const T* dy_data = dy.const_data_ptr<T>();
   const T* y_data = y.const_data_ptr<T>();
@@ -476,6 +471,10 @@ void channel_affine(
     const CenteredTerm* centered) {
   using acc_t = opmath_t<T>;
   const ChannelLayout L = channel_layout(u);
+  check_walks_like(out, L.channels_last, "out");
+  if (centered != nullptr) {
+    check_walks_like(centered->v, L.channels_last, "v");
+  }
   const int64_t C = L.channels, HW = L.spatial;
   T* out_data = out.data_ptr<T>();
   const T* u_data = u.const_data_ptr<T>();

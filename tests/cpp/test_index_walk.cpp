@@ -14,10 +14,11 @@
 
 namespace {
 
+using convbn::cuda::chunk_range;
 using convbn::cuda::elementwise_launch;
+using convbn::cuda::lane_channel;
 using convbn::cuda::ElementwiseLaunch;
 using convbn::cuda::ElementwiseWalk;
-using convbn::cuda::kWarpSize;
 using convbn::cuda::Launch2d;
 using convbn::cuda::reduction_launch;
 using convbn::cuda::ThreadCoord;
@@ -113,6 +114,7 @@ void check_elementwise(
     ASSERT_EQ(w.walk, *expected_walk) << what;
   }
   ASSERT_LE(l.grid_y, 65535) << what;
+  ASSERT_LE(l.grid_x, INT32_MAX) << what;
   ASSERT_EQ(l.block_x * l.block_y, 256) << what;
   if (w.walk == ElementwiseWalk::kStridedChannels) {
     // What makes a thread's channel fixed.
@@ -154,15 +156,15 @@ void check_reduction(const Shape& s, bool channels_last, int64_t sms) {
   const Launch2d& l = geometry.launch;
   const std::string what = "reduction, " + describe(s, channels_last, sms);
   ASSERT_LE(l.grid_y, 65535) << what;
+  ASSERT_LE(l.grid_x, INT32_MAX) << what;
   ASSERT_LE(l.block_x * l.block_y, 512) << what;
-  ASSERT_EQ((l.block_x * l.block_y) % kWarpSize, 0) << what;
+  ASSERT_EQ((l.block_x * l.block_y) % convbn::cuda::kWarpSize, 0) << what;
   const int64_t per_channel = s.batch * s.spatial;
   ASSERT_GE(geometry.chunk * l.grid_y, per_channel) << what;
   Coverage coverage(s.numel(), small);
   int64_t misplaced = 0;
   for (int64_t chunk = 0; chunk < l.grid_y; ++chunk) {
-    const int64_t begin = chunk * geometry.chunk;
-    const int64_t end = std::min(begin + geometry.chunk, per_channel);
+    const auto [begin, end] = chunk_range(chunk, geometry.chunk, per_channel);
     for (int64_t bx = 0; bx < l.grid_x; ++bx) {
       for (int64_t ty = 0; ty < l.block_y; ++ty) {
         for (int64_t tx = 0; tx < l.block_x; ++tx) {
@@ -175,7 +177,7 @@ void check_reduction(const Shape& s, bool channels_last, int64_t sms) {
             };
           };
           if (channels_last) {
-            const int64_t c = bx * kWarpSize + tx;
+            const int64_t c = lane_channel(bx, tx);
             if (c < s.channels) {
               walk_channel_chunk_rows(
                   begin, end, c, s.channels, ty, l.block_y, visit(c));
@@ -203,7 +205,7 @@ const Shape kSmallShapes[] = {
 TEST(IndexWalk, ElementwiseVisitsEveryElementOnceSmallShapes) {
   for (const Shape& s : kSmallShapes) {
     for (bool cl : {false, true}) {
-      for (int64_t sms : {1, 132}) {
+      for (int64_t sms : {1, 108, 114, 132}) {
         check_elementwise(s, cl, sms);
       }
     }
@@ -225,7 +227,7 @@ TEST(IndexWalk, ElementwiseWalkFitsTheLayout) {
 TEST(IndexWalk, ReductionVisitsEveryElementOnceSmallShapes) {
   for (const Shape& s : kSmallShapes) {
     for (bool cl : {false, true}) {
-      for (int64_t sms : {1, 132}) {
+      for (int64_t sms : {1, 108, 114, 132}) {
         check_reduction(s, cl, sms);
       }
     }
