@@ -197,8 +197,18 @@ def main():
         where = f"{props.name}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     else:
         where = "CPU (smoke test)"
-    text = [f"Device: {where}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
-            f"medians of {args.repeats} repeats."]
+
+    def emit(lines):
+        # Each table as soon as it is done, so that a run cut short by a
+        # time limit keeps the finished ones.
+        text = "\n".join(lines) + "\n"
+        print(text, flush=True)
+        if args.markdown:
+            with open(args.markdown, "a") as f:
+                f.write(text)
+
+    emit([f"Device: {where}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
+          f"medians of {args.repeats} repeats."])
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         for layout in args.layouts.split(","):
@@ -208,13 +218,8 @@ def main():
                 batch = largest_batch(shape, dtype, fmt, device, args.batch, args.compile)
                 rows.append(bench_shape(shape, batch, dtype, fmt, device, args.repeats, args.compile))
                 print(f"done: {dtype_name} {layout} {shape[0]} (batch {batch})", flush=True)
-            text += ["", f"### {dtype_name}, {layout}", "", table(rows, contenders), "",
-                     "Geometric means over the shapes:", summary(rows, contenders)]
-    report = "\n".join(text) + "\n"
-    print(report)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(report)
+            emit(["", f"### {dtype_name}, {layout}", "", table(rows, contenders), "",
+                  "Geometric means over the shapes:", summary(rows, contenders)])
 
 
 if __name__ == "__main__":
