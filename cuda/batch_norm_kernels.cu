@@ -34,9 +34,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <initializer_list>
 #include <limits>
-#include <utility>
 
 namespace convbn {
 namespace cuda {
@@ -275,22 +273,13 @@ struct FinishGradSums {
 };
 
 // Runs the two-stage reduction of `op` over the 4-D tensor `t` (its layout
-// decides the kernel; `also_walked` are the other tensors op reads at the
-// same offsets) and hands each channel's result to `finish`.
+// decides the kernel) and hands each channel's result to `finish`.
 template <typename Op, typename Finish>
-void reduce_per_channel(
-    const at::Tensor& t,
-    const Op& op,
-    const Finish& finish,
-    std::initializer_list<std::pair<const at::Tensor*, const char*>>
-        also_walked = {}) {
+void reduce_per_channel(const at::Tensor& t, const Op& op, const Finish& finish) {
   using State = typename Op::State;
   const int64_t batch = t.size(0), channels = t.size(1);
   const int64_t spatial = t.size(2) * t.size(3);
   const bool channels_last = walks_channels_last(t);
-  for (const auto& [other, name] : also_walked) {
-    check_walks_like(*other, channels_last, name);
-  }
   const cudaStream_t stream = current_stream();
   const ReductionLaunch geometry = reduction_launch(
       batch, channels, spatial, channels_last, multiprocessor_count());
@@ -342,6 +331,8 @@ void batch_grad_sums(
     const at::Tensor& mean,
     at::Tensor& sum_dy,
     at::Tensor& sum_dy_xmu) {
+  // dy is read at y's offsets.
+  check_walks_like(dy, walks_channels_last(y), "dy");
   CONVBN_CUDA_DISPATCH(y.scalar_type(), "convbn_batch_grad_sums_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     reduce_per_channel(
@@ -350,8 +341,7 @@ void batch_grad_sums(
             dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
             mean.const_data_ptr<acc_t>()},
         FinishGradSums<acc_t>{
-            sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>()},
-        {{&dy, "dy"}});
+            sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>()});
   });
 }
 
