@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what convbn needs to build and test, on a fresh Debian machine:
 # torch (the CPU build 2.13.0 unless a torch is already installed), pytest
-# and friends from PyPI, GoogleTest and CMake from Debian. Skips what is there.
+# and friends from PyPI, pytorchcv and monai (--no-deps) for the real-model tests, GoogleTest and CMake from Debian. Skips what is there.
 set -euo pipefail
 
 PY=${PYTHON:-python3}
@@ -15,6 +15,14 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   "$PY" -m pip install -q "${missing[@]}"
 fi
+# Third-party models for tests/test_real_models.py. Both declare torch (and
+# pytorchcv torchvision, which has no CPU build here): --no-deps keeps pip
+# from resolving a second torch; what they import besides is listed here.
+for dep in requests six; do
+  "$PY" -c "import $dep" 2>/dev/null || "$PY" -m pip install -q "$dep"
+done
+"$PY" -c "import pytorchcv" 2>/dev/null || "$PY" -m pip install -q --no-deps "pytorchcv==0.0.74"
+"$PY" -c "import monai" 2>/dev/null || "$PY" -m pip install -q --no-deps "monai==1.6.1"
 
 need_apt=()
 [ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev)

@@ -74,7 +74,7 @@ def test_matches_linear_batchnorm1d_float64(bias, affine, track, momentum, memor
     bn.eval()
     x = torch.randn(6, 12, dtype=torch.float64, device=device)
     assert_close_to_reference(fused(x), bn(linear(x)), torch.float64, "eval")
-    with torch.no_grad():  # the cached fold
+    with torch.no_grad():  # the fold without autograd
         assert_close_to_reference(fused(x), bn(linear(x)), torch.float64, "eval, no grad")
 
 

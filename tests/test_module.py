@@ -189,7 +189,7 @@ def test_fuse_keeps_running_statistics_in_step_with_the_pair():
             assert m.num_batches_tracked.item() == bn.num_batches_tracked.item() == 3
 
 
-def test_inference_fold_is_cached_and_follows_every_change():
+def test_eval_follows_every_change_with_and_without_grad():
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64), _randomize(nn.BatchNorm2d(4, dtype=torch.float64))
     fused = ConvBN2d.from_modules(conv, bn).eval()

@@ -11,7 +11,8 @@ BatchNorm1d, each as one PyTorch operator.
     convbn.SyncConvBN2d, convbn.SyncLinearBN1d  statistics over all processes
     convbn.convert_sync_batchnorm(model)        ConvBN2d/LinearBN1d -> Sync*
     convbn.functional.conv_bn / linear_bn       the functional forms
-    convbn.fuse(model), convbn.unfuse(model)    convert a model's pairs
+    convbn.fuse(model), convbn.unfuse(model)    convert a model's pairs in place
+    convbn.FusedBatchNormSlot, convbn.FuseReport  what fuse leaves and reports
     convbn.recalibrate(model, batches)          exact population statistics
     convbn.models                               ResNet-18/50 and d2l's LeNet-BN
     convbn.utils.saved_tensor_bytes(fn)         bytes kept for backward
@@ -24,12 +25,12 @@ _library.load()
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
 from . import functional, models, utils  # noqa: E402
 from .distributed import SyncConvBN2d, SyncLinearBN1d, convert_sync_batchnorm  # noqa: E402
-from .fuse import fuse, unfuse  # noqa: E402
+from .fuse import FusedBatchNormSlot, FuseReport, fuse, unfuse  # noqa: E402
 from .modules import ConvBN2d, LinearBN1d  # noqa: E402
 from .recalibrate import recalibrate  # noqa: E402
 
 __all__ = [
-    "ConvBN2d", "LinearBN1d", "SyncConvBN2d", "SyncLinearBN1d", "convert_sync_batchnorm", "functional",
+    "ConvBN2d", "FuseReport", "FusedBatchNormSlot", "LinearBN1d", "SyncConvBN2d", "SyncLinearBN1d", "convert_sync_batchnorm", "functional",
     "fuse", "models", "recalibrate", "unfuse", "utils",
 ]
 __version__ = "0.1.0"

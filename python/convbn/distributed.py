@@ -61,13 +61,12 @@ class _Synchronized:
     def _share_state_of(self, module: nn.Module) -> None:
         """Takes module's parameters and buffers (the same tensors, as
         nn.SyncBatchNorm.convert_sync_batchnorm shares them), its train/eval
-        mode, and where fuse found its pair (for unfuse and the pair's
-        state_dict keys)."""
+        mode, and whether fuse made it (its batch norm's state is then saved
+        by a FusedBatchNormSlot, which convert_sync_batchnorm points here)."""
         self._parameters = dict(module._parameters)
         self._buffers = dict(module._buffers)
         self._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-        if "_unfused_names" in module.__dict__:
-            self._unfused_names = module._unfused_names
+        self._bn_state_in_slot = module._bn_state_in_slot
         self.train(module.training)
 
     def extra_repr(self) -> str:
@@ -187,12 +186,29 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[dist.Proce
 
     nn.BatchNorm layers are left as they are: convert them with
     nn.SyncBatchNorm.convert_sync_batchnorm (it runs on CUDA only)."""
+    converted = {}
+    module = _convert(module, process_group, converted)
+    # The batch norm slots convbn.fuse left save the new modules' state.
+    from .fuse import FusedBatchNormSlot
+
+    for slot in module.modules():
+        if isinstance(slot, FusedBatchNormSlot) and id(slot.fused) in converted:
+            slot._relink(converted[id(slot.fused)])
+    return module
+
+
+def _convert(module: nn.Module, process_group, converted: dict) -> nn.Module:
+    if id(module) in converted:
+        return converted[id(module)]
     if type(module) is ConvBN2d:
-        return SyncConvBN2d.from_conv_bn(module, process_group)
+        converted[id(module)] = SyncConvBN2d.from_conv_bn(module, process_group)
+        return converted[id(module)]
     if type(module) is LinearBN1d:
-        return SyncLinearBN1d.from_linear_bn(module, process_group)
-    for name, child in module.named_children():
-        converted = convert_sync_batchnorm(child, process_group)
-        if converted is not child:
-            module.add_module(name, converted)
+        converted[id(module)] = SyncLinearBN1d.from_linear_bn(module, process_group)
+        return converted[id(module)]
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            new = _convert(child, process_group, converted)
+            if new is not child:
+                module.add_module(name, new)
     return module

@@ -2,14 +2,25 @@
 F.linear followed by F.batch_norm (linear_bn), each as one operator."""
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def _pair(value, name: str) -> List[int]:
+def _pair(value: Union[int, Tuple[int, int]], name: str) -> List[int]:
+    if torch.jit.is_scripting():  # the types are checked when scripting
+        if isinstance(value, int):
+            return [value, value]
+        return [value[0], value[1]]
+    return _pair_of_anything(value, name)
+
+
+@torch.jit.unused
+def _pair_of_anything(value: Any, name: str) -> List[int]:
+    """An int, or a sequence of one or two (tuple, list, torch.Size), as
+    nn.Conv2d takes them."""
     if isinstance(value, int):
         return [value, value]
     values = list(value)
@@ -20,7 +31,7 @@ def _pair(value, name: str) -> List[int]:
     return [int(v) for v in values]
 
 
-def same_padding(kernel_size, dilation) -> Tuple[List[int], List[int]]:
+def same_padding(kernel_size: List[int], dilation: List[int]) -> Tuple[List[int], List[int]]:
     """padding='same' as nn.Conv2d does it: the total padding of each
     dimension is dilation * (kernel - 1); when it is odd the extra row/column
     goes to the bottom/right. Returns (symmetric padding for the conv,
@@ -32,6 +43,25 @@ def same_padding(kernel_size, dilation) -> Tuple[List[int], List[int]]:
         # F.pad lists the last dimension first: (W_left, W_right, H_top, H_bottom).
         extra[2 * (1 - i) + 1] = total - 2 * (total // 2)
     return symmetric, extra
+
+
+@torch.jit.unused
+def _refuse_functorch_differentiation() -> None:
+    """torch.func's grad, vjp, jacrev, jvp, jacfwd and hessian cannot go
+    through a C++ torch::autograd::Function, which convbn's operators are:
+    PyTorch refuses with a message that does not say what to do. Say it."""
+    if torch.compiler.is_compiling():
+        return
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    transforms = {i.key() for i in retrieve_all_functorch_interpreters()}
+    if transforms & {torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp}:
+        raise RuntimeError(
+            "convbn: torch.func transforms that differentiate (grad, vjp, jacrev, jvp, jacfwd, hessian) "
+            "cannot go through convbn's operators: they are C++ autograd Functions, which torch.func does "
+            "not support. Differentiate with torch.autograd.grad or .backward(), or run torch.func on "
+            "convbn.unfuse(model). (torch.func.vmap and functional_call without differentiation work.)"
+        )
 
 
 def check_momentum(momentum: Optional[float]) -> None:
@@ -87,7 +117,7 @@ def conv_bn(
             if any(extra):
                 input = F.pad(input, extra)
         else:
-            raise ValueError(f"convbn: `padding` must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            raise ValueError("convbn: `padding` must be an int, a pair, 'same' or 'valid', got '" + padding + "'")
     else:
         padding_ = _pair(padding, "padding")
     check_momentum(momentum)
@@ -126,6 +156,8 @@ def _conv_bn_prepared(
     all group_size ranks of that process group, and the running statistics
     take the group's statistics and count, so they are the same on every
     rank."""
+    if not torch.jit.is_scripting():
+        _refuse_functorch_differentiation()
     if not training:
         mean, var = _eval_statistics(running_mean, running_var)
         return torch.ops.convbn.conv_bn_eval(
@@ -197,6 +229,8 @@ def _linear_bn_prepared(
     """linear_bn with momentum checked: what LinearBN1d.forward calls. With
     group_name (SyncLinearBN1d), training uses the batch statistics of the
     process group, as in _conv_bn_prepared."""
+    if not torch.jit.is_scripting():
+        _refuse_functorch_differentiation()
     if not training:
         mean, var = _eval_statistics(running_mean, running_var)
         return torch.ops.convbn.linear_bn_eval(

@@ -1,212 +1,725 @@
-"""convbn.fuse and convbn.unfuse: replace every nn.Conv2d directly followed
-by nn.BatchNorm2d with a ConvBN2d, and every nn.Linear directly followed by
-nn.BatchNorm1d with a LinearBN1d; and back."""
+"""convbn.fuse and convbn.unfuse: replace a model's nn.Conv2d -> nn.BatchNorm2d
+and nn.Linear -> nn.BatchNorm1d pairs by ConvBN2d / LinearBN1d in place in
+its own module tree, and back.
+
+How fuse decides. torch.fx traces the model's forward (or, where the whole
+forward does not trace, each block that does) three times: with every module
+in training mode, in eval mode, and in the modes they have now, because
+forwards branch on self.training. A conv (or linear) layer and a batch norm
+are fused only when, in every one of those graphs that can see them, each
+call of the layer feeds its output to that batch norm and to nothing else,
+and each call of the batch norm takes such an output; and when nothing else
+could change what they compute or how they are saved: exact nn types (a
+subclass may have its own forward), no hooks, eps > 0, matching channels,
+dtypes and devices. Everything else is left alone and listed, with the
+reason, in the FuseReport (fuse(..., report=True)).
+
+How fuse replaces. The layer's slot gets the fused module, holding the very
+same parameter and buffer tensors (so optimizers and references built
+before an in-place fuse still see them); the batch norm's slot gets a
+FusedBatchNormSlot, which passes the fused output through and stands in for
+the batch norm in the model's state_dict. The fused model's state_dict
+therefore has exactly the original's keys: checkpoints load both ways as
+they are, through pickling and deepcopy, and unfuse only swaps modules
+back. The model keeps its class, its forward, its hooks elsewhere, its
+shared and its unused modules."""
 
 import copy
-import warnings
-from typing import Dict, Optional, Tuple
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.fx
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .modules import ConvBN2d, LinearBN1d
+from .modules import ConvBN2d, LinearBN1d, _FusedBatchNorm
 
-_FUSED_TYPES = (ConvBN2d, LinearBN1d)
+_log = logging.getLogger("convbn.fuse")
 
-# A fused module's state_dict keys for the batch norm's, by batch norm key.
-_BN_KEYS = {
+# The pairs fuse converts: (layer type, batch norm type) -> fused type. Exact
+# types only: a subclass may have its own forward.
+_FUSED_TYPE = {(nn.Conv2d, nn.BatchNorm2d): ConvBN2d, (nn.Linear, nn.BatchNorm1d): LinearBN1d}
+_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+# A batch norm's state_dict keys and the fused module's attribute for each.
+_BN_STATE = {
     "weight": "bn_weight",
     "bias": "bn_bias",
     "running_mean": "running_mean",
     "running_var": "running_var",
     "num_batches_tracked": "num_batches_tracked",
 }
+_BN_PARAMETERS = ("weight", "bias")
 
 
-def _fused_type(first: nn.Module, bn: nn.Module):
-    """The fused class for the pair (first, bn), or None when it is not one."""
-    if type(first) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
-        return ConvBN2d if first.out_channels == bn.num_features else None
-    if type(first) is nn.Linear and isinstance(bn, nn.BatchNorm1d):
-        return LinearBN1d if first.out_features == bn.num_features else None
+class FusedBatchNormSlot(nn.Module):
+    """What convbn.fuse leaves where a batch norm was: forward passes the
+    fused layer's output through (the fused module before it already
+    normalized it), and the batch norm's state lives on under its old names.
+
+    - state_dict / load_state_dict use the batch norm's keys (weight, bias,
+      running_mean, running_var, num_batches_tracked), reading and writing
+      the fused module's tensors, so checkpoints interchange with the
+      original model.
+    - weight, bias, running_mean, running_var, num_batches_tracked, eps,
+      momentum read and assign the fused module's.
+    - train()/eval() on the slot set the fused module's mode too, as they
+      set the batch norm's before (code that freezes batch norms by name
+      keeps working).
+    """
+
+    _version = 2  # nn.BatchNorm's: version 2 added num_batches_tracked
+    __jit_unused_properties__ = [
+        "fused", "weight", "bias", "running_mean", "running_var", "num_batches_tracked", "eps",
+        "momentum", "num_features", "affine", "track_running_stats",
+    ]
+
+    def __init__(self, fused: _FusedBatchNorm) -> None:
+        super().__init__()
+        # A plain reference, not a submodule: the fused module lives (and is
+        # saved, moved, trained) at the layer's slot.
+        self.__dict__["_fused"] = fused
+
+    @property
+    def fused(self) -> _FusedBatchNorm:
+        """The fused module (ConvBN2d, LinearBN1d or a Sync variant) holding
+        this batch norm."""
+        return self.__dict__["_fused"]
+
+    def _relink(self, fused: _FusedBatchNorm) -> None:
+        self.__dict__["_fused"] = fused
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input
+
+    # The batch norm's attributes, read from and written to the fused module.
+    weight = property(lambda self: self.fused.bn_weight, lambda self, v: setattr(self.fused, "bn_weight", v))
+    bias = property(lambda self: self.fused.bn_bias, lambda self, v: setattr(self.fused, "bn_bias", v))
+    running_mean = property(lambda self: self.fused.running_mean,
+                            lambda self, v: setattr(self.fused, "running_mean", v))
+    running_var = property(lambda self: self.fused.running_var,
+                           lambda self, v: setattr(self.fused, "running_var", v))
+    num_batches_tracked = property(lambda self: self.fused.num_batches_tracked,
+                                   lambda self, v: setattr(self.fused, "num_batches_tracked", v))
+    eps = property(lambda self: self.fused.eps, lambda self, v: setattr(self.fused, "eps", v))
+    momentum = property(lambda self: self.fused.momentum, lambda self, v: setattr(self.fused, "momentum", v))
+    num_features = property(lambda self: self.fused.running_mean.numel() if self.fused.running_mean is not None
+                            else self.fused.weight.shape[0])
+    affine = property(lambda self: self.fused.affine)
+    track_running_stats = property(lambda self: self.fused.track_running_stats)
+
+    def __setattr__(self, name: str, value) -> None:
+        # nn.Module.__setattr__ would register a Parameter or tensor on the
+        # slot itself; the batch norm's belong to the fused module.
+        if name in _BN_STATE or name in ("eps", "momentum"):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def train(self, mode: bool = True) -> "FusedBatchNormSlot":
+        super().train(mode)
+        self.fused.training = mode
+        return self
+
+    def _bn_tensors(self) -> Dict[str, Optional[Tensor]]:
+        return {name: getattr(self.fused, attr) for name, attr in _BN_STATE.items()}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        for name, tensor in self._bn_tensors().items():
+            if tensor is not None:
+                destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # nn.BatchNorm's rule: checkpoints older than version 2 have no
+        # num_batches_tracked; they load with the current count.
+        version = local_metadata.get("version", None)
+        tracked = self.fused.num_batches_tracked
+        if (version is None or version < 2) and tracked is not None:
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = tracked if tracked.device.type != "meta" else torch.tensor(0, dtype=torch.long)
+        # nn.Module's own loader (shape checks, copy or assign, messages),
+        # run on the fused module's tensors under the batch norm's names.
+        tensors = self._bn_tensors()
+        self._parameters = {name: tensors[name] for name in _BN_PARAMETERS}
+        self._buffers = {name: t for name, t in tensors.items() if name not in _BN_PARAMETERS}
+        # load_state_dict(assign=True) assigns through this class's
+        # __setattr__, that is onto the fused module.
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            self._parameters, self._buffers = {}, {}
+
+    def extra_repr(self) -> str:
+        return f"fused into the preceding {type(self.fused).__name__}"
+
+
+# ---------------------------------------------------------------------------
+# The report.
+
+@dataclass
+class FusedPair:
+    layer: str
+    bn: str
+    kind: str        # "ConvBN2d" or "LinearBN1d"
+    found_in: str    # "the model's forward" or "block `name`'s forward"
+
+
+@dataclass
+class LeftAlone:
+    layer: str
+    bn: str
+    reason: str
+
+
+@dataclass
+class FuseReport:
+    """What convbn.fuse did: the pairs it fused, every layer -> batch norm
+    pair it saw and left alone with the reason, and the forwards it could not
+    trace (pairs in them, if any, were left alone)."""
+
+    fused: List[FusedPair] = field(default_factory=list)
+    left_alone: List[LeftAlone] = field(default_factory=list)
+    untraced: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"convbn.fuse: fused {len(self.fused)} pair(s), left {len(self.left_alone)} alone"]
+        lines += [f"  fused       {p.layer} -> {p.bn} as {p.kind} (seen in {p.found_in})" for p in self.fused]
+        lines += [f"  left alone  {p.layer} -> {p.bn}: {p.reason}" for p in self.left_alone]
+        lines += [f"  not traced  {name or '(the model)'}: {error}" for name, error in self.untraced]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Finding the pairs.
+
+class _Tracer(torch.fx.Tracer):
+    """Keeps layers, batch norms of any class, convbn's modules and the
+    modules in `opaque` as single calls, so the graph shows which module's
+    output feeds which. A module built inside forward (seq[1:]) is traced
+    through. Remembers the innermost module whose forward failed."""
+
+    def __init__(self, opaque: set) -> None:
+        super().__init__()
+        self.opaque = opaque
+        self.calling: List[nn.Module] = []
+        self.failed_in: Optional[nn.Module] = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (id(m) in self.opaque
+                or isinstance(m, (_LAYER_TYPES, _BatchNorm, _FusedBatchNorm, FusedBatchNormSlot))
+                or super().is_leaf_module(m, qualname))
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:  # not registered anywhere: made in forward
+            return forward(*args, **kwargs)
+        self.calling.append(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = m
+            raise
+        finally:
+            self.calling.pop()
+
+
+@dataclass
+class _Traced:
+    """What one mode setting's traces saw. graphs: (name of the traced
+    module, module, graph, the untraced forward that calls it or "" when
+    every forward calling it was traced). covered: every module some graph
+    would show a call of."""
+
+    graphs: List[Tuple[str, nn.Module, torch.fx.Graph, str]] = field(default_factory=list)
+    covered: Dict[int, str] = field(default_factory=dict)
+    untraced: List[Tuple[str, str]] = field(default_factory=list)
+
+
+def _error_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _trace(module: nn.Module, name: str, traced: _Traced, called_by_untraced: str, seen: set) -> None:
+    """Traces module's forward, each submodule whose forward does not trace
+    kept as one opaque call (and traced on its own, recursively). Where
+    module's own forward does not trace, its children are traced on their
+    own; code in that forward may then use their submodules unseen, which
+    the graphs record as called_by_untraced."""
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    opaque: Dict[int, nn.Module] = {}
+    while True:
+        tracer = _Tracer(set(opaque))
+        try:
+            graph = tracer.trace(module)
+            break
+        except Exception as error:  # fx cannot trace data-dependent Python
+            failed = tracer.failed_in
+            if failed is None or failed is module or id(failed) in opaque:
+                traced.untraced.append((name, _error_line(error)))
+                inner = name or "the model"
+                for child_name, child in module.named_children():
+                    if child._modules and not isinstance(child, (_FusedBatchNorm, FusedBatchNormSlot)):
+                        _trace(child, f"{name}.{child_name}" if name else child_name, traced, inner, seen)
+                return
+            opaque[id(failed)] = failed
+    traced.graphs.append((name, module, graph, called_by_untraced))
+    inside_opaque = {id(sub) for m in opaque.values() for sub in m.modules() if sub is not m}
+    for sub in module.modules():
+        if id(sub) not in inside_opaque:
+            traced.covered.setdefault(id(sub), name)
+    names = {id(m): n for n, m in module.named_modules()}
+    for m in opaque.values():
+        full = f"{name}.{names[id(m)]}" if name else names[id(m)]
+        _trace(m, full, traced, "", seen)
+
+
+def _trace_in_modes(model: nn.Module) -> List[_Traced]:
+    """Traces with every module in training mode, in eval mode, and in the
+    modes they have now; restores every module's flag afterwards."""
+    modules = list(model.modules())
+    now = [m.training for m in modules]
+    settings = [now, [True] * len(modules), [False] * len(modules)]
+    results = []
+    try:
+        for i, flags in enumerate(settings):
+            if flags in settings[:i]:
+                continue
+            for m, flag in zip(modules, flags):
+                m.training = flag
+            traced = _Traced()
+            _trace(model, "", traced, "", set())
+            results.append(traced)
+    finally:
+        for m, flag in zip(modules, now):
+            m.training = flag
+    return results
+
+
+@dataclass
+class _Candidate:
+    layer: nn.Module
+    bn: nn.Module
+    block: Optional[str]  # the traced module whose graph shows the pair ("" the model, None: a run)
+
+
+def _find_candidates(traced_modes: List[_Traced]) -> Tuple[List[_Candidate], List[Tuple[nn.Module, nn.Module, str]]]:
+    """Layer -> batch norm call edges seen in the graphs, each checked against
+    every mode's calls: (pairs whose calls are all layer-then-bn, pairs seen
+    but not, with the reason)."""
+    edges: Dict[Tuple[int, int], Tuple[nn.Module, nn.Module]] = {}
+    refusals: Dict[Tuple[int, int], str] = {}
+    blocks: Dict[Tuple[int, int], str] = {}
+    for traced in traced_modes:
+        calls: Dict[int, List[torch.fx.Node]] = defaultdict(list)
+        owner: Dict[torch.fx.Node, nn.Module] = {}
+        for block, root, graph, _ in traced.graphs:
+            for node in graph.nodes:
+                if node.op == "call_module":
+                    module = root.get_submodule(node.target)
+                    calls[id(module)].append(node)
+                    owner[node] = module
+            for node in graph.nodes:
+                module = owner.get(node)
+                if not isinstance(module, _BatchNorm) or not node.args:
+                    continue
+                layer = owner.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+                if isinstance(layer, _LAYER_TYPES):
+                    key = (id(layer), id(module))
+                    edges.setdefault(key, (layer, module))
+                    blocks.setdefault(key, block)
+        for key, (layer, bn) in edges.items():
+            if key in refusals:
+                continue
+            layer_calls, bn_calls = calls.get(id(layer), []), calls.get(id(bn), [])
+            if not layer_calls and not bn_calls:
+                if id(layer) not in traced.covered or id(bn) not in traced.covered:
+                    refusals[key] = "the forward calling it could not be traced with the modules in some train/eval modes"
+                continue
+            reason = _calls_reason(layer_calls, bn_calls, owner, layer, bn)
+            if reason is not None:
+                refusals[key] = reason
+    candidates, left = [], []
+    for key, (layer, bn) in edges.items():
+        if key in refusals:
+            left.append((layer, bn, refusals[key]))
+        else:
+            candidates.append(_Candidate(layer, bn, blocks[key]))
+    return candidates, left
+
+
+def _calls_reason(layer_calls, bn_calls, owner, layer, bn) -> Optional[str]:
+    """None when every call of layer feeds only bn, as bn's sole argument, and
+    every call of bn takes such an output; else what breaks that."""
+    for node in layer_calls:
+        users = list(node.users)
+        if len(users) != 1:
+            others = [u.name for u in users if owner.get(u) is not bn] or [u.name for u in users]
+            return f"the layer's output is also used by {', '.join(others[:3])}"
+        user = users[0]
+        if owner.get(user) is not bn:
+            return f"a call of the layer feeds {user.name}, not this batch norm"
+        if len(user.args) != 1 or user.kwargs:
+            return "the batch norm is called with more than the layer's output"
+    for node in bn_calls:
+        source = node.args[0] if node.args else None
+        if not isinstance(source, torch.fx.Node) or owner.get(source) is not layer:
+            return "the batch norm is also applied to other inputs"
+    if len(layer_calls) != len(bn_calls):
+        return "the layer and the batch norm are called different numbers of times"
     return None
 
 
-def _fuse_pair(first: nn.Module, bn: nn.Module, names: Tuple[str, str], memory_efficient: bool) -> nn.Module:
-    fused = _fused_type(first, bn).from_modules(first, bn, memory_efficient)
-    # Where the pair lived (relative to the model fuse was given): unfuse puts
-    # it back there, and the model accepts the pair's state_dict keys.
-    fused._unfused_names = names
-    return fused
+def _module_reason(layer: nn.Module, bn: nn.Module) -> Optional[str]:
+    """Why this layer/batch norm pair cannot become a fused module, or None."""
+    fused_type = _FUSED_TYPE.get((type(layer), type(bn)))
+    if fused_type is None:
+        if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d):
+            return f"the batch norm is a {type(bn).__name__}, not nn.BatchNorm1d/2d (a subclass may have its own forward)"
+        if type(layer) not in (nn.Conv2d, nn.Linear):
+            return f"the layer is a {type(layer).__name__}; fuse converts nn.Conv2d -> nn.BatchNorm2d and nn.Linear -> nn.BatchNorm1d"
+        return f"{type(layer).__name__} -> {type(bn).__name__} is not a pair fuse converts"
+    for what, m in (("layer", layer), ("batch norm", bn)):
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                      "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                      "_load_state_dict_post_hooks"):
+            if getattr(m, hooks, None):
+                return f"the {what} has {hooks.strip('_').replace('_', ' ')} (they would no longer run)"
+    channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    if channels != bn.num_features:
+        return f"the layer has {channels} output channels but the batch norm num_features={bn.num_features}"
+    if not (isinstance(bn.eps, (int, float)) and math.isfinite(bn.eps) and bn.eps > 0):
+        return f"the batch norm's eps={bn.eps}; the fused module needs eps > 0"
+    if bn.momentum is not None and not math.isfinite(bn.momentum):
+        return f"the batch norm's momentum={bn.momentum}"
+    if bn.track_running_stats and (bn.running_mean is None or bn.running_var is None):
+        return "the batch norm tracks running statistics but has none"
+    tensors = [t for t in (layer.weight, layer.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+               if t is not None]
+    if len({(t.dtype, t.device) for t in tensors}) != 1:
+        kinds = sorted({f"{t.dtype} on {t.device}" for t in tensors})
+        return f"the pair's tensors differ in dtype or device ({', '.join(kinds)})"
+    if any(type(t) not in (Tensor, nn.Parameter) for t in tensors):
+        return "the pair holds tensor subclasses"
+    return None
 
 
-def _fuse_sequentials(module: nn.Module, prefix: str, memory_efficient: bool) -> int:
-    """Fuses adjacent (Conv2d, BatchNorm2d) and (Linear, BatchNorm1d)
-    children of every nn.Sequential in place; the batch norm's slot becomes
-    nn.Identity so indices (and the other children's state_dict keys) stay as
-    they were."""
-    fused = 0
-    for name, child in module.named_children():
-        fused += _fuse_sequentials(child, f"{prefix}{name}.", memory_efficient)
-    if isinstance(module, nn.Sequential):
-        names = list(module._modules.keys())
-        for first, second in zip(names, names[1:]):
-            layer, bn = module._modules[first], module._modules[second]
-            if _fused_type(layer, bn) is not None:
-                module._modules[first] = _fuse_pair(
-                    layer, bn, (prefix + first, prefix + second), memory_efficient
-                )
-                module._modules[second] = nn.Identity()
-                fused += 1
-    return fused
+
+# ---------------------------------------------------------------------------
+# Finding the pairs by running the model on an example input: for forwards
+# fx cannot trace. Every module call and every torch function a layer's
+# output reaches is recorded, on a copy of the model (a training-mode run
+# moves running statistics), with the random number generators restored.
+
+# Reading a tensor's metadata does not depend on its values.
+_METADATA_READS = {"shape", "size", "dim", "ndim", "ndimension", "dtype", "device", "is_cuda", "requires_grad",
+                   "numel", "nelement", "is_contiguous", "stride", "layout", "__len__", "is_floating_point",
+                   "element_size", "is_complex", "names", "grad_fn", "is_leaf", "data_ptr"}
 
 
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _FUSED_TYPES) or super().is_leaf_module(m, qualname)
+@dataclass
+class _LayerCall:
+    output: Tensor
+    layer: nn.Module
+    uses: List[str] = field(default_factory=list)
+    bn_calls: List[nn.Module] = field(default_factory=list)
 
 
-def _fuse_graph(model: nn.Module, memory_efficient: bool) -> Optional[torch.fx.GraphModule]:
-    """Fuses layer -> bn call pairs in model's fx graph. Returns a
-    GraphModule, or None when the model has no such pair left or cannot be
-    traced."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as error:  # fx cannot trace data-dependent control flow
-        warnings.warn(
-            f"convbn.fuse: torch.fx could not trace {type(model).__name__} ({error}); "
-            "only pairs inside nn.Sequential were fused"
+class _UseRecorder(torch.overrides.TorchFunctionMode):
+    def __init__(self, outputs: Dict[int, _LayerCall]) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.inside_leaf = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.inside_leaf and getattr(func, "__name__", "") not in _METADATA_READS:
+            for t in _tensors_in((args, kwargs)):
+                call = self.outputs.get(id(t))
+                if call is not None and call.output is t:
+                    call.uses.append(getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
+def _tensors_in(value) -> List[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    return []
+
+
+def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[int, int], Tuple[nn.Module, nn.Module, Optional[str]]], List[Tuple[str, str]]]:
+    """Runs copies of model on example_inputs with every module in training
+    mode, in eval mode and in the modes they have now. Returns, for every
+    layer -> batch norm call seen, None when every call of the layer fed
+    only that batch norm, as its sole argument, and every call of the batch
+    norm took such an output (in every run), else the reason; and the runs
+    that failed."""
+    verdicts: Dict[Tuple[int, int], Tuple[nn.Module, nn.Module, Optional[str]]] = {}
+    failures = []
+    originals = [m for _, m in model.named_modules(remove_duplicate=False)]
+    now = [m.training for m in originals]
+    settings = [now, [True] * len(originals), [False] * len(originals)]
+    for i, flags in enumerate(settings):
+        if flags in settings[:i]:
+            continue
+        copied = copy.deepcopy(model)
+        copies = [m for _, m in copied.named_modules(remove_duplicate=False)]
+        original_of = {id(c): o for c, o in zip(copies, originals)}
+        for m, flag in zip(copies, flags):
+            m.training = flag
+        outputs: Dict[int, _LayerCall] = {}
+        layer_calls: Dict[int, List[_LayerCall]] = defaultdict(list)
+        bn_inputs: Dict[int, List[Optional[_LayerCall]]] = defaultdict(list)
+        recorder = _UseRecorder(outputs)
+
+        def pre_hook(module, args, kwargs):
+            is_leaf = not module._modules
+            for t in _tensors_in((args, kwargs)):
+                call = outputs.get(id(t))
+                if call is not None and call.output is t:
+                    sole = len(args) == 1 and not kwargs and args[0] is t
+                    if isinstance(module, _BatchNorm) and sole:
+                        call.bn_calls.append(original_of[id(module)])
+                    elif is_leaf:
+                        call.uses.append(type(module).__name__)
+            if isinstance(module, _BatchNorm):
+                source = outputs.get(id(args[0])) if len(args) == 1 and isinstance(args[0], Tensor) else None
+                bn_inputs[id(original_of[id(module)])].append(source if source is not None and source.output is args[0] else None)
+            if is_leaf:
+                recorder.inside_leaf += 1
+
+        def post_hook(module, args, output):
+            if not module._modules:
+                recorder.inside_leaf -= 1
+            if isinstance(module, _LAYER_TYPES) and isinstance(output, Tensor):
+                call = _LayerCall(output, original_of[id(module)])
+                outputs[id(output)] = call
+                layer_calls[id(call.layer)].append(call)
+
+        for m in copies:
+            m.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            m.register_forward_hook(post_hook)
+        try:
+            with torch.random.fork_rng(devices=[]), recorder:
+                result = copied(*example_inputs)
+        except Exception as error:
+            failures.append((f"run {'in the current modes' if i == 0 else ('in training mode' if flags[0] else 'in eval mode')}", _error_line(error)))
+            continue
+        for t in _tensors_in(result):
+            call = outputs.get(id(t))
+            if call is not None and call.output is t:
+                call.uses.append("the model's output")
+        edges = {(id(c.layer), id(bn)): (c.layer, bn) for calls in layer_calls.values() for c in calls for bn in c.bn_calls}
+        for key, (layer, bn) in edges.items():
+            reason = None
+            for c in layer_calls[id(layer)]:
+                if c.uses:
+                    reason = f"the layer's output is also used by {', '.join(c.uses[:3])}"
+                elif c.bn_calls != [bn]:
+                    reason = "a call of the layer does not feed this batch norm"
+            if reason is None and any(src is None or src.layer is not layer for src in bn_inputs[id(bn)]):
+                reason = "the batch norm is also applied to other inputs"
+            previous = verdicts.get(key)
+            verdicts[key] = (layer, bn, previous[2] if previous and previous[2] else reason)
+    return verdicts, failures
+
+
+# ---------------------------------------------------------------------------
+# Replacing.
+
+def _registrations(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str]]]:
+    """Every place a module is registered: id -> [(parent, child name, full name)]."""
+    places: Dict[int, List[Tuple[nn.Module, str, str]]] = defaultdict(list)
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent._modules.items():
+            if child is not None:
+                full = f"{parent_name}.{child_name}" if parent_name else child_name
+                if all(p is not parent or c != child_name for p, c, _ in places[id(child)]):
+                    places[id(child)].append((parent, child_name, full))
+    return places
+
+
+def _adopt(layer: nn.Module, bn: nn.Module, memory_efficient: bool) -> _FusedBatchNorm:
+    """The fused module for (layer, bn), holding their very tensors."""
+    fused_type = _FUSED_TYPE[(type(layer), type(bn))]
+    if fused_type is ConvBN2d:
+        fused = ConvBN2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, bn.eps,
+            bn.momentum, bn.affine, bn.track_running_stats, memory_efficient, device="meta",
         )
-        return None
-    gm = torch.fx.GraphModule(model, graph)
-    modules = dict(gm.named_modules())
-    calls: Dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-
-    fused = 0
-    for bn_node in list(gm.graph.nodes):
-        if bn_node.op != "call_module" or len(bn_node.args) != 1 or bn_node.kwargs:
-            continue
-        layer_node = bn_node.args[0]
-        if not isinstance(layer_node, torch.fx.Node) or layer_node.op != "call_module":
-            continue
-        layer, bn = modules[layer_node.target], modules[bn_node.target]
-        # Only a layer whose output feeds nothing but this bn, each module
-        # called once: otherwise fusing would change what the model computes.
-        if _fused_type(layer, bn) is None or len(layer_node.users) != 1:
-            continue
-        if calls[layer_node.target] != 1 or calls[bn_node.target] != 1:
-            continue
-        parent_name, _, child_name = layer_node.target.rpartition(".")
-        parent = gm.get_submodule(parent_name) if parent_name else gm
-        setattr(parent, child_name,
-                _fuse_pair(layer, bn, (layer_node.target, bn_node.target), memory_efficient))
-        bn_node.replace_all_uses_with(layer_node)
-        gm.graph.erase_node(bn_node)
-        fused += 1
-    if fused == 0:
-        return None
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    gm.train(model.training)
-    return gm
+    else:
+        fused = LinearBN1d(
+            layer.in_features, layer.out_features, layer.bias is not None, bn.eps, bn.momentum,
+            bn.affine, bn.track_running_stats, memory_efficient, device="meta",
+        )
+    fused.weight, fused.bias = layer.weight, layer.bias
+    for name, attr in _BN_STATE.items():
+        setattr(fused, attr, getattr(bn, name))
+    fused.train(bn.training)
+    fused._bn_state_in_slot = True
+    return fused
 
 
-def _accept_unfused_keys(module, state_dict, prefix, *args) -> None:
-    """load_state_dict pre-hook of a fused model: renames the keys of the
-    model it was fused from (say `layer1.0.bn1.weight`) to the fused
-    module's (`layer1.0.conv1.bn_weight`). Keys already in the fused form
-    are left alone, so both forms load."""
-    for name, sub in module.named_modules():
-        names = sub.__dict__.get("_unfused_names")
-        if not isinstance(sub, _FUSED_TYPES) or names is None:
-            continue
-        own = f"{prefix}{name}." if name else prefix
-        bn_prefix = f"{prefix}{names[1]}."
-        for bn_key, own_key in _BN_KEYS.items():
-            if bn_prefix + bn_key in state_dict and own + own_key not in state_dict:
-                state_dict[own + own_key] = state_dict.pop(bn_prefix + bn_key)
+def _unseen_callers_reason(c: _Candidate, places, untraced: Dict[str, str]) -> Optional[str]:
+    """A forward fx could not trace may call any module registered below it,
+    unseen: then the pair's calls are not all known. None when no such
+    forward holds the layer or the batch norm."""
+    for m in (c.layer, c.bn):
+        for _, _, full in places[id(m)]:
+            for name in untraced:
+                if name == "" or full.startswith(name + "."):
+                    return (f"{'the model' if name == '' else name}'s forward, which holds it, could not be traced "
+                            f"({untraced[name]}), so code there may use {full} unseen")
+    return None
 
 
-def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False) -> nn.Module:
-    """Returns model with every nn.Conv2d directly followed by nn.BatchNorm2d
-    replaced by a ConvBN2d, and every nn.Linear directly followed by
-    nn.BatchNorm1d replaced by a LinearBN1d, with the same parameters, buffers
-    and hyper-parameters, computing the same outputs in train and eval mode.
+def _set_everywhere(places, module: nn.Module) -> None:
+    for parent, child_name, _ in places:
+        parent._modules[child_name] = module
 
-    Pairs inside nn.Sequential are replaced in place, keeping the model's
-    classes. Pairs elsewhere (called one after the other in forward, as in a
-    ResNet block) are found by tracing the model with torch.fx; the result is
-    then a torch.fx.GraphModule with the same module names. A model fx cannot
-    trace keeps only its Sequential fusions, with a warning. inplace=False
-    (default) leaves model untouched.
 
-    The fused model's load_state_dict also accepts the original model's
-    state_dict (batch norm keys are renamed onto the fused modules);
-    convbn.unfuse gives back a model whose state_dict the original loads.
-    A fused LinearBN1d takes (N, in_features) input only.
+def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False, report: bool = False,
+         example_inputs: Optional[tuple] = None):
+    """Replaces every nn.Conv2d -> nn.BatchNorm2d and nn.Linear ->
+    nn.BatchNorm1d pair of `model` that can be fused without changing what
+    the model computes by a ConvBN2d / LinearBN1d, in the model's own module
+    tree: the model keeps its class and forward.
+
+    The fused module takes the layer's place (holding the same parameter and
+    buffer tensors); the batch norm's place holds a FusedBatchNormSlot that
+    passes the output through and keeps the batch norm's state_dict keys, so
+    the fused model's state_dict has the original's keys. A pair is fused
+    when torch.fx shows, in training and eval mode, that every call of the
+    layer feeds only that batch norm (see the module docstring); every other
+    pair is left alone.
+
+    Where a forward fx cannot trace holds a pair (a drop-path block that
+    draws random numbers with a traced shape, a branch on a value), the
+    pair is left alone unless example_inputs (a tuple of the model's
+    positional arguments) is given: fuse then also runs copies of the model
+    on it, in training mode, eval mode and the current modes, records which
+    module and function each layer output reaches, and fuses a pair the
+    graphs could not see whole when every run shows it used only as the pair.
+
+    inplace=False (default) fuses a deep copy. report=True returns
+    (model, FuseReport): the pairs fused, those left alone and why, and the
+    forwards fx could not trace. The report is also logged (logger
+    "convbn.fuse", level INFO). A LinearBN1d made by fuse computes the
+    unfused pair on input of more than 2 dimensions, as nn.BatchNorm1d
+    takes (N, C, L).
     """
     if not inplace:
         model = copy.deepcopy(model)
-    _fuse_sequentials(model, "", memory_efficient)
-    traced = _fuse_graph(model, memory_efficient)
-    if traced is not None:
-        model = traced
-    if not model.__dict__.get("_convbn_accepts_unfused_keys", False):
-        model.register_load_state_dict_pre_hook(_accept_unfused_keys)
-        model._convbn_accepts_unfused_keys = True
-    return model
+    traced_modes = _trace_in_modes(model)
+    candidates, seen_but_not = _find_candidates(traced_modes)
+    verdicts, run_failures = {}, []
+    if example_inputs is not None:
+        if not isinstance(example_inputs, tuple):
+            raise TypeError("convbn.fuse: example_inputs must be a tuple of the model's positional arguments, "
+                            f"e.g. (x,); got {type(example_inputs).__name__}")
+        verdicts, run_failures = _run_verdicts(model, example_inputs)
+    places = _registrations(model)
+    names = {id(m): name for name, m in model.named_modules()}
+    untraced: Dict[str, str] = {}
+    for traced in traced_modes:
+        for name, error in traced.untraced:
+            untraced.setdefault(name, error)
+    result = FuseReport()
+    for layer, bn, reason in seen_but_not:
+        result.left_alone.append(LeftAlone(names.get(id(layer), "?"), names.get(id(bn), "?"), reason))
+    decided = {(id(c.layer), id(c.bn)) for c in candidates} | {(id(l), id(b)) for l, b, _ in seen_but_not}
+    for key, (layer, bn, reason) in verdicts.items():
+        if key not in decided:  # only a run saw this pair
+            candidates.append(_Candidate(layer, bn, None))
+    for c in candidates:
+        layer_name, bn_name = names[id(c.layer)], names[id(c.bn)]
+        reason = _module_reason(c.layer, c.bn)
+        if reason is None and (c.block is None or _unseen_callers_reason(c, places, untraced)):
+            # Graphs do not show every use: the example runs decide.
+            verdict = verdicts.get((id(c.layer), id(c.bn)))
+            if verdict is not None and run_failures:
+                reason = f"the example run failed ({run_failures[0][1]})"
+            elif verdict is not None:
+                reason = verdict[2]
+                c.block = None
+            else:
+                reason = _unseen_callers_reason(c, places, untraced)
+                if example_inputs is None:
+                    reason += "; pass example_inputs=(x,) to decide by running the model"
+        if reason is not None:
+            result.left_alone.append(LeftAlone(layer_name, bn_name, reason))
+            continue
+        fused = _adopt(c.layer, c.bn, memory_efficient)
+        slot = FusedBatchNormSlot(fused)
+        slot.train(c.bn.training)
+        _set_everywhere(places[id(c.layer)], fused)
+        _set_everywhere(places[id(c.bn)], slot)
+        where = ("a run on example_inputs" if c.block is None
+                 else f"{c.block}'s forward" if c.block else "the model's forward")
+        result.fused.append(FusedPair(layer_name, bn_name, type(fused).__name__, where))
+    result.untraced = sorted(untraced.items()) + run_failures
+    _log.info("%s", result)
+    return (model, result) if report else model
 
 
 def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """The inverse of fuse: every ConvBN2d / LinearBN1d becomes its
-    (nn.Conv2d, nn.BatchNorm2d) / (nn.Linear, nn.BatchNorm1d) pair again, with
-    copies of its values, at the names the pair had before fuse, so the
-    original model loads the result's state_dict. A fused module that fuse
-    did not make (one built by hand) becomes nn.Sequential(layer, bn) in its
-    place."""
+    """The inverse of fuse: every ConvBN2d / LinearBN1d that fuse made becomes
+    its nn.Conv2d / nn.Linear again and its FusedBatchNormSlot the
+    nn.BatchNorm2d / nn.BatchNorm1d, holding the same tensors, at the same
+    names: the result is the original model's layout and state_dict. A
+    fused module fuse did not make (one built by hand) becomes
+    nn.Sequential(layer, bn) in its place."""
     if not inplace:
         model = copy.deepcopy(model)
-    graph_changed = False
-    for name, fused in list(model.named_modules()):
-        if not isinstance(fused, _FUSED_TYPES) or not name:
+    places = _registrations(model)
+    slots: Dict[int, List[FusedBatchNormSlot]] = defaultdict(list)
+    for m in model.modules():
+        if isinstance(m, FusedBatchNormSlot):
+            slots[id(m.fused)].append(m)
+    for fused in list({id(m): m for m in model.modules() if isinstance(m, _FusedBatchNorm)}.values()):
+        if id(fused) not in places:  # the model itself
             continue
-        layer, bn = fused.to_modules()
-        names = fused.__dict__.get("_unfused_names")
-        bn_slot = _get_submodule_or_none(model, names[1]) if names is not None else None
-        if names is not None and isinstance(bn_slot, nn.Identity):
-            # A Sequential fusion: the batch norm's slot is still there.
-            _set_submodule(model, name, layer)
-            _set_submodule(model, names[1], bn)
-        elif names is not None and bn_slot is None and isinstance(model, torch.fx.GraphModule):
-            # A traced fusion: call the batch norm after the layer again.
-            _set_submodule(model, name, layer)
-            model.add_submodule(names[1], bn)
-            for node in list(model.graph.nodes):
-                if node.op == "call_module" and node.target == name:
-                    with model.graph.inserting_after(node):
-                        bn_node = model.graph.call_module(names[1], (node,))
-                    node.replace_all_uses_with(bn_node, delete_user_cb=lambda user: user is not bn_node)
-            graph_changed = True
+        layer, bn = _split(fused)
+        mine = slots.get(id(fused), [])
+        if mine:
+            _set_everywhere(places[id(fused)], layer)
+            for slot in mine:
+                _set_everywhere(places[id(slot)], bn)
         else:
-            _set_submodule(model, name, nn.Sequential(layer, bn))
-    if graph_changed:
-        model.graph.lint()
-        model.recompile()
+            _set_everywhere(places[id(fused)], nn.Sequential(layer, bn))
     return model
 
 
-def _get_submodule_or_none(model: nn.Module, name: str) -> Optional[nn.Module]:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    parent._modules[child_name] = module
+def _split(fused: _FusedBatchNorm) -> Tuple[nn.Module, nn.Module]:
+    """(layer, batch norm) holding fused's very tensors, in its mode."""
+    if isinstance(fused, ConvBN2d):
+        layer = nn.Conv2d(fused.in_channels, fused.out_channels, fused.kernel_size, fused.stride, fused.padding,
+                          fused.dilation, fused.groups, fused.bias is not None, fused.padding_mode, device="meta")
+        bn = nn.BatchNorm2d(fused.out_channels, fused.eps, fused.momentum, fused.affine,
+                            fused.track_running_stats, device="meta")
+    else:
+        layer = nn.Linear(fused.in_features, fused.out_features, fused.bias is not None, device="meta")
+        bn = nn.BatchNorm1d(fused.out_features, fused.eps, fused.momentum, fused.affine,
+                            fused.track_running_stats, device="meta")
+    layer.weight, layer.bias = fused.weight, fused.bias
+    for name, attr in _BN_STATE.items():
+        setattr(bn, name, getattr(fused, attr))
+    layer.train(fused.training)
+    bn.train(fused.training)
+    return layer, bn

@@ -8,15 +8,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+try:  # torch >= 2.9 tells symbolic tracing apart from torch.export
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
+except ImportError:
+    from torch.fx._symbolic_trace import is_fx_tracing
+
 from .functional import _conv_bn_prepared, _linear_bn_prepared, _pair, check_momentum, same_padding
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# The fused modules' batch norm attributes (parameters and buffers).
+_BN_ATTRIBUTES = ("bn_weight", "bn_bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+@torch.jit.unused
+def _is_fx_tracing() -> bool:
+    """Whether torch.fx.symbolic_trace is running forward: the input is then a
+    Proxy, whose dim() cannot be compared."""
+    return is_fx_tracing()
 
 
 class _FusedBatchNorm(nn.Module):
     """What ConvBN2d and LinearBN1d share: batch norm's parameters
     (bn_weight, bn_bias), its running statistics, their initialization, and
-    the eval-mode fold cache. Subclasses own `weight` and `bias`."""
+    their state_dict form. Subclasses own `weight` and `bias`."""
 
     def _init_batch_norm(
         self, num_features: int, eps: float, momentum: Optional[float], affine: bool,
@@ -27,6 +41,10 @@ class _FusedBatchNorm(nn.Module):
         check_momentum(momentum)
         self.eps = eps
         self.momentum = momentum
+        # True when convbn.fuse made this module: the batch norm's state then
+        # appears in state_dict under the batch norm's old keys, saved by the
+        # FusedBatchNormSlot left at its place.
+        self._bn_state_in_slot = False
         self.affine = affine
         self.track_running_stats = track_running_stats
         if affine:
@@ -82,27 +100,35 @@ class _FusedBatchNorm(nn.Module):
             nn.init.ones_(self.bn_weight)
             nn.init.zeros_(self.bn_bias)
 
-    # Inference without autograd: the fold depends only on the parameters and
-    # running statistics, so it is computed once and reused until one of them
-    # changes: an in-place update bumps a tensor's _version, a replaced tensor
-    # is another object (the cache holds the tensors it was made from, so
-    # their identities cannot be reused meanwhile). Training, grad mode,
-    # torch.compile and TorchScript fold afresh through the *_eval operators.
-    @torch.jit.unused
-    def _can_use_folded_cache(self) -> bool:
-        return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    # Eval mode folds on every call (a per-channel computation and one pass
+    # over the weight) rather than caching the fold: no cache can see changes
+    # made through .data or vector_to_parameters, and tracing must record the
+    # fold, not a constant.
 
-    @torch.jit.unused
-    def _folded(self) -> Tuple[Tensor, Tensor]:
-        tensors = (self.weight, self.bias, self.bn_weight, self.bn_bias, self.running_mean, self.running_var)
-        versions = tuple(None if t is None else t._version for t in tensors) + (self.eps,)
-        cache = self.__dict__.get("_fold_cache")
-        if (cache is None or cache[1] != versions
-                or any(a is not b for a, b in zip(cache[0], tensors))):
-            folded = torch.ops.convbn.fold_conv_bn(*tensors, self.eps)
-            cache = (tensors, versions, folded)
-            self.__dict__["_fold_cache"] = cache
-        return cache[2]
+    _version = 2  # as nn.BatchNorm: older state dicts may lack num_batches_tracked
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._bn_state_in_slot:
+            # Made by convbn.fuse: the FusedBatchNormSlot at the batch norm's
+            # old place saves these under the batch norm's keys.
+            for name in _BN_ATTRIBUTES:
+                destination.pop(prefix + name, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        version = local_metadata.get("version", None)
+        tracked = self.num_batches_tracked
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and tracked is not None and key not in state_dict:
+            state_dict[key] = tracked if tracked.device.type != "meta" else torch.tensor(0, dtype=torch.long)
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self._bn_state_in_slot:
+            kept = [k for k in missing_keys[before:] if k[len(prefix):] not in _BN_ATTRIBUTES]
+            del missing_keys[before:]
+            missing_keys.extend(kept)
 
     def _batch_norm_repr(self) -> str:
         return (f", eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
@@ -237,7 +263,8 @@ class ConvBN2d(_FusedBatchNorm):
     def _checked_input(self, input: Tensor) -> Tensor:
         """input, checked, with the padding the conv does not apply itself
         (non-zero padding modes, the odd remainder of 'same')."""
-        if input.dim() != 4:
+        fx_tracing = not torch.jit.is_scripting() and _is_fx_tracing()
+        if not fx_tracing and input.dim() != 4:
             hint = " (add the batch dimension with input.unsqueeze(0))" if input.dim() == 3 else ""
             raise ValueError(
                 f"convbn: expected a 4-D input (N, C, H, W), got a {input.dim()}-D input of shape "
@@ -253,15 +280,13 @@ class ConvBN2d(_FusedBatchNorm):
         statistics of the process group group_name when given
         (SyncConvBN2d), else of this process's batch."""
         use_batch_stats, running_mean, running_var, num_batches_tracked = self._statistics()
-        if not use_batch_stats and not torch.jit.is_scripting() and self._can_use_folded_cache():
-            weight, bias = self._folded()
-            return F.conv2d(input, weight, bias, self._stride, self._conv_padding, self._dilation, self.groups)
-        return _conv_bn_prepared(
+        output = _conv_bn_prepared(
             input, self.weight, self.bias, self.bn_weight, self.bn_bias,
             running_mean, running_var, num_batches_tracked, use_batch_stats, self.momentum, self.eps,
             self._stride, self._conv_padding, self._dilation, self.groups, self.memory_efficient,
             group_name, group_size,
         )
+        return output
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -372,7 +397,9 @@ class LinearBN1d(_FusedBatchNorm):
         return self._normalize(self._checked_input(input))
 
     def _checked_input(self, input: Tensor) -> Tensor:
-        if input.dim() != 2:
+        if not torch.jit.is_scripting() and _is_fx_tracing():
+            return input
+        if input.dim() != 2 and not (self._bn_state_in_slot and input.dim() == 3):
             raise ValueError(
                 f"convbn: LinearBN1d expects a 2-D input (N, in_features), got a {input.dim()}-D input "
                 f"of shape {list(input.shape)}"
@@ -384,14 +411,34 @@ class LinearBN1d(_FusedBatchNorm):
         statistics of the process group group_name when given
         (SyncLinearBN1d), else of this process's batch."""
         use_batch_stats, running_mean, running_var, num_batches_tracked = self._statistics()
-        if not use_batch_stats and not torch.jit.is_scripting() and self._can_use_folded_cache():
-            weight, bias = self._folded()
-            return F.linear(input, weight, bias)
-        return _linear_bn_prepared(
-            input, self.weight, self.bias, self.bn_weight, self.bn_bias,
-            running_mean, running_var, num_batches_tracked, use_batch_stats, self.momentum, self.eps,
-            self.memory_efficient, group_name, group_size,
-        )
+        # (torch.fx.symbolic_trace records the 2-D form: a Proxy has no dim.)
+        fx_tracing = not torch.jit.is_scripting() and _is_fx_tracing()
+        if self._bn_state_in_slot and not fx_tracing and input.dim() == 3:
+            # Only a LinearBN1d made by fuse gets here (see _checked_input):
+            # nn.BatchNorm1d on (N, C, L) normalizes over N and L, the
+            # operators over N; compute the pair as nn does.
+            output = F.batch_norm(
+                F.linear(input, self.weight, self.bias), running_mean, running_var, self.bn_weight,
+                self.bn_bias, use_batch_stats, self._batch_norm_momentum(num_batches_tracked), self.eps,
+            )
+        else:
+            output = _linear_bn_prepared(
+                input, self.weight, self.bias, self.bn_weight, self.bn_bias,
+                running_mean, running_var, num_batches_tracked, use_batch_stats, self.momentum, self.eps,
+                self.memory_efficient, group_name, group_size,
+            )
+        return output
+
+    def _batch_norm_momentum(self, num_batches_tracked: Optional[Tensor]) -> float:
+        """nn.BatchNorm.forward's exponential average factor, counting this
+        batch in num_batches_tracked as it does."""
+        if num_batches_tracked is None:
+            return 0.0 if self.momentum is None else self.momentum
+        num_batches_tracked.add_(1)
+        momentum = self.momentum
+        if momentum is None:
+            return 1.0 / float(num_batches_tracked)
+        return momentum
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}"
