@@ -58,10 +58,20 @@ inline at::Tensor mean_without_conv_bias(
   return (present(bias) ? mean - bias->to(dtype) : mean).contiguous();
 }
 
-// Forward: out = y * scale + shift, with
-//   scale = invstd * gamma,  shift = beta - mean * scale.
+// The coefficients of the kernels' elementwise pass (channel_affine,
+// kernel_table.h): out = a * ((u - mu) + b * (v - m)) + c, in that order,
+// ATen's. The order matters in float32: every coefficient and every
+// intermediate is then of the size of the data, of the gradient or of the
+// result, so nothing leaves float32's range where nn.BatchNorm2d's own
+// computation does not (see CenteredTerm in kernel_table.h).
+
+// Forward: out = scale * (y - mean) + shift, with scale = gamma * invstd and
+// shift = beta (0 without affine parameters). y is centred before it is
+// scaled: y * scale - mean * scale would cancel when the mean is large
+// against the spread.
 struct NormalizeCoefficients {
   at::Tensor scale;
+  at::Tensor mean;
   at::Tensor shift;
 };
 
@@ -73,22 +83,31 @@ inline NormalizeCoefficients normalize_coefficients(
   const auto dtype = invstd.scalar_type();
   at::Tensor scale =
       present(bn_weight) ? invstd * bn_weight->to(dtype) : invstd.clone();
-  at::Tensor shift = -mean * scale;
-  if (present(bn_bias)) {
-    shift.add_(bn_bias->to(dtype));
-  }
-  return {scale.contiguous(), shift.contiguous()};
+  at::Tensor shift =
+      present(bn_bias) ? bn_bias->to(dtype) : at::zeros_like(invstd);
+  return {scale.contiguous(), mean.contiguous(), shift.contiguous()};
 }
 
 // Backward, with n values per channel, xhat = (y - mean) * invstd,
 // sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (y - mean)):
 //   grad_y = gamma * invstd * (dy - sum_dy / n - xhat * sum(dy * xhat) / n)
-//          = a * dy + b * (y - mean) + c
-// with k = gamma * invstd, a = k, b = -k * invstd^2 * sum_dy_xmu / n,
-// c = -k * sum_dy / n. (y is centred before scaling, as ATen does: folding
-// b * mean into c loses precision when the mean is large.)
+//          = a * ((dy - mu) + b * (y - mean)) + c
+// with a = gamma * invstd, mu = sum_dy / n, c = 0 and
+//   b = -((sum_dy_xmu * invstd) / n) * invstd,
+// ATen's k = dotp * invstd * invstd / N (batch_norm_backward_cpu), negated.
+// Order matters: sum_dy_xmu * invstd is sum(dy * xhat) (the size of
+// grad_bn_weight), / n the size of dy, * invstd that of dy / std: all of the
+// data's scale, as is b * (y - mean) ~ dy. The former folding of a into b,
+// -gamma * invstd^3 * sum_dy_xmu / n (~ dy / std^2), left float32's range:
+// invstd^3 lost its digits for a batch std above ~1e13 and was 0 from ~1e15
+// (the (y - mean) term of the gradient was lost, grad_input and grad_weight
+// off by O(1)), and overflowed to inf for a tiny std with a tiny eps (NaN
+// gradients), where nn.BatchNorm2d's float32 gradients stay accurate. y is
+// centred before it is scaled, as ATen does: folding b * mean into c loses
+// precision when the mean is large.
 struct GradCoefficients {
   at::Tensor a;
+  at::Tensor mu;
   at::Tensor b;
   at::Tensor c;
 };
@@ -101,11 +120,12 @@ inline GradCoefficients grad_y_coefficients(
     int64_t values_per_channel) {
   const auto dtype = invstd.scalar_type();
   const double inv_n = 1.0 / static_cast<double>(values_per_channel);
-  at::Tensor k =
+  at::Tensor a =
       present(bn_weight) ? invstd * bn_weight->to(dtype) : invstd.clone();
-  at::Tensor b = -k * invstd * invstd * sum_dy_xmu * inv_n;
-  at::Tensor c = -k * sum_dy * inv_n;
-  return {k.contiguous(), b.contiguous(), c.contiguous()};
+  at::Tensor mu = sum_dy * inv_n;
+  at::Tensor b = ((sum_dy_xmu * invstd) * inv_n).mul_(invstd).neg_();
+  at::Tensor c = at::zeros_like(invstd);
+  return {a.contiguous(), mu.contiguous(), b.contiguous(), c.contiguous()};
 }
 
 } // namespace convbn

@@ -45,6 +45,23 @@ inline void check_walks_like(
 }
 
 // The optional centred term of channel_affine: b[c] * (v - m[c]).
+//
+// channel_affine computes out = a[c] * ((u - mu[c]) + b[c] * (v - m[c]))
+// + c0[c], in that order, which is ATen's (batch_norm_backward_cpu:
+// dx = (dy - grad_mean - (x - mean) * k) * invstd * w). Every intermediate
+// is then of the size of an input or of the result:
+//   forward   u = y, mu = mean, a = gamma * invstd, c0 = beta (no b term):
+//             y is centred before it is scaled, so a large mean does not
+//             cancel in y * a - mean * a (a constant channel's output is
+//             exactly beta);
+//   backward  u = dy, mu = sum(dy) / n, v = y, m = mean,
+//             b = -(sum(dy * (y - mean)) * invstd / n) * invstd (~ dy / std),
+//             a = gamma * invstd, c0 = 0.
+// Folding a into b instead (b = -gamma * invstd^3 * sum(dy * (y - mean)) / n,
+// ~ dy / std^2, and out = a * dy + b * (y - mean) + c) leaves float32's
+// range where the pair nn.Conv2d + nn.BatchNorm2d stays accurate: invstd^3
+// is subnormal once the batch's std is above ~1e13 and 0 from ~1e15, and
+// inf once invstd is above ~7e12 (a tiny std with a tiny eps).
 struct CenteredTerm {
   const at::Tensor& v;
   const at::Tensor& b;
@@ -61,11 +78,13 @@ struct KernelTable {
       const at::Tensor& mean,
       at::Tensor& sum_dy,
       at::Tensor& sum_dy_xmu);
-  // out = a[c] * u + c0[c] (+ b[c] * (v - m[c])), elementwise.
+  // out = a[c] * ((u - mu[c]) (+ b[c] * (v - m[c]))) + c0[c], elementwise
+  // (see CenteredTerm).
   void (*channel_affine)(
       at::Tensor& out,
       const at::Tensor& u,
       const at::Tensor& a,
+      const at::Tensor& mu,
       const at::Tensor& c0,
       const CenteredTerm* centered);
 };

@@ -95,7 +95,8 @@ NormalizedBatch normalize_batch(
   // kept, the backward recomputes it.
   at::Tensor output = memory_efficient ? y : at::empty_like(y);
   if (y.numel() > 0) {
-    kernels.channel_affine(output, y, coef.scale, coef.shift, nullptr);
+    kernels.channel_affine(
+        output, y, coef.scale, coef.mean, coef.shift, nullptr);
   }
 
   at::Tensor save_mean =
@@ -169,7 +170,7 @@ BatchNormGrads batch_norm_backward(
     at::Tensor grad_y = y_is_scratch ? y : at::empty_like(y);
     if (y.numel() > 0) {
       const CenteredTerm centered{y, coef.b, mean};
-      kernels.channel_affine(grad_y, dy, coef.a, coef.c, &centered);
+      kernels.channel_affine(grad_y, dy, coef.a, coef.mu, coef.c, &centered);
     }
     grads.grad_y = std::move(grad_y);
   }

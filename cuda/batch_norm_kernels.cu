@@ -6,9 +6,10 @@
 //
 //   batch_mean_var    per-channel Welford statistics, warp-shuffle merges
 //   batch_grad_sums   per-channel sum(dy), sum(dy * (y - mean)), one pass
-//   channel_affine    elementwise a*u + c (+ b*(v - m)), in place where the
-//                     driver asks (normalization into the conv output's
-//                     buffer; grad-input into the recomputed conv output)
+//   channel_affine    elementwise a*((u - mu) + b*(v - m)) + c, in place
+//                     where the driver asks (normalization into the conv
+//                     output's buffer; grad-input into the recomputed conv
+//                     output)
 //
 // Each reduction has an NCHW kernel (a block walks a chunk of one channel,
 // plane by plane) and a channels_last kernel (a block's lanes span adjacent
@@ -345,24 +346,29 @@ void batch_grad_sums(
   });
 }
 
-// out = a[c] * u + c0[c] (+ b[c] * (v - m[c])), elementwise; the walk
-// (index_walk.h) says when the channel changes, and the coefficients are
-// loaded then: once per plane (NCHW) or per thread (channels_last).
+// out = a[c] * ((u - mu[c]) (+ b[c] * (v - m[c]))) + c0[c], elementwise, in
+// this order: every intermediate stays of the size of an input or of the
+// result (kernel_table.h, CenteredTerm). The walk (index_walk.h) says when
+// the channel changes, and the coefficients are loaded then: once per plane
+// (NCHW) or per thread (channels_last).
 template <typename scalar_t, typename acc_t, bool HasV>
 __global__ void channel_affine_kernel(
     ElementwiseLaunch walk,
     scalar_t* out,
     const scalar_t* u,
     const acc_t* a,
+    const acc_t* mu,
     const scalar_t* v,
     const acc_t* b,
     const acc_t* m,
     const acc_t* c0) {
-  acc_t channel_a = 0, channel_b = 0, channel_m = 0, channel_c0 = 0;
+  acc_t channel_a = 0, channel_mu = 0, channel_b = 0, channel_m = 0,
+        channel_c0 = 0;
   walk_elementwise(
       walk, this_thread(),
       [&](int64_t c) {
         channel_a = a[c];
+        channel_mu = mu[c];
         channel_c0 = c0[c];
         if constexpr (HasV) {
           channel_b = b[c];
@@ -370,11 +376,11 @@ __global__ void channel_affine_kernel(
         }
       },
       [&](int64_t offset) {
-        acc_t r = channel_a * static_cast<acc_t>(u[offset]) + channel_c0;
+        acc_t t = static_cast<acc_t>(u[offset]) - channel_mu;
         if constexpr (HasV) {
-          r += channel_b * (static_cast<acc_t>(v[offset]) - channel_m);
+          t += channel_b * (static_cast<acc_t>(v[offset]) - channel_m);
         }
-        out[offset] = static_cast<scalar_t>(r);
+        out[offset] = static_cast<scalar_t>(channel_a * t + channel_c0);
       });
 }
 
@@ -382,6 +388,7 @@ void channel_affine(
     at::Tensor& out,
     const at::Tensor& u,
     const at::Tensor& a,
+    const at::Tensor& mu,
     const at::Tensor& c0,
     const CenteredTerm* centered) {
   const bool channels_last = walks_channels_last(u);
@@ -401,7 +408,7 @@ void channel_affine(
       channel_affine_kernel<scalar_t, acc_t, HasV>
           <<<dim3(l.grid_x, l.grid_y), dim3(l.block_x, l.block_y), 0, stream>>>(
               walk, out.data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-              a.const_data_ptr<acc_t>(),
+              a.const_data_ptr<acc_t>(), mu.const_data_ptr<acc_t>(),
               HasV ? centered->v.const_data_ptr<scalar_t>() : nullptr,
               HasV ? centered->b.const_data_ptr<acc_t>() : nullptr,
               HasV ? centered->m.const_data_ptr<acc_t>() : nullptr,

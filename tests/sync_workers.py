@@ -361,7 +361,36 @@ def cuda_against_nn_sync(rank, world_size, config):
     return record
 
 
+def float32_slices(rank, world_size, config):
+    """One float32 training step of the synchronized module made from
+    config["layer"] and config["bn"] (float64 nn modules) on this rank's
+    slice of config["x"], loss sum(w * y) with config["w"]'s slice; the
+    module's synchronized op runs whatever the group's size. Records the
+    output, input grad, parameter grads and running statistics."""
+    sizes = config["sizes"]
+    layer = sync_module_type(config).from_modules(
+        copy.deepcopy(config["layer"]), copy.deepcopy(config["bn"]),
+        memory_efficient=config["memory_efficient"],
+    ).to(torch.float32)
+    x = config["x"][rank_slice(sizes, rank)].to(torch.float32)
+    w = config["w"][rank_slice(sizes, rank)].to(torch.float32)
+    if config.get("channels_last", False):
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = w.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with OpLog() as log:
+        y = layer(x)
+    assert any("sync" in name for name in log.names), log.names
+    (w * y).sum().backward()
+    return {
+        "output": y.detach(), "grad_input": x.grad,
+        "grads": {n: p.grad.clone() for n, p in layer.named_parameters()},
+        "running_mean": layer.running_mean.clone(), "running_var": layer.running_var.clone(),
+    }
+
+
 SCENARIOS = {
+    "float32_slices": float32_slices,
     "recalibrate_synchronized": recalibrate_synchronized,
     "cuda_against_nn_sync": cuda_against_nn_sync,
     "sync_layer_steps": sync_layer_steps,

@@ -106,7 +106,6 @@ def _module_and_state():
 
 @pytest.mark.parametrize("bad_input,message", [
     (torch.randn(1, 4, 1, 1), r"Expected more than 1 value per channel when training"),
-    (torch.randn(0, 4, 5, 5), r"empty batch"),
     (torch.randn(2, 3, 5, 5), r"channel mismatch"),
     (torch.randn(2, 4, 5, 5, dtype=torch.float64), r"dtype"),
 ])
@@ -117,6 +116,21 @@ def test_module_error_leaves_statistics_untouched(bad_input, message):
         m(bad_input)
     for k, v in m.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_module_takes_an_empty_batch_as_nn_does():
+    # The operator refuses an empty batch (above); the module and the
+    # functional form do what the nn pair does: an empty output, zero
+    # gradients, the statistics as they were and the batch counted.
+    m, state = _module_and_state()
+    conv, bn = m.to_modules()
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    out, ref = m.train()(x), bn.train()(conv(x))
+    assert out.shape == ref.shape == (0, 6, 5, 5)
+    out.sum().backward()
+    assert m.weight.grad.eq(0).all() and m.bn_weight.grad.eq(0).all()
+    torch.testing.assert_close(m.running_var, bn.running_var)
+    assert m.num_batches_tracked.item() == bn.num_batches_tracked.item() == 4
 
 
 def test_module_rejects_wrong_rank_and_bad_hyper_parameters():

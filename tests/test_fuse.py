@@ -549,3 +549,151 @@ def test_inplace_fuse_keeps_the_tensors_optimizers_hold():
     model(torch.randn(2, 3, 5, 5, dtype=F64)).sum().backward()
     optimizer.step()
     assert all(p.grad is not None for p in weights)
+
+
+# --- what a hostile review found: every one changed results or crashed ------
+
+class Counting(nn.Module):
+    """forward keeps Python state: a call counter, the last features."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = block(3, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.body(x)
+        self.last = y.detach()
+        return y * (1.0 if self.calls > 1 else 0.5)
+
+
+def test_fuse_leaves_forwards_python_state_as_it_was():
+    original = randomized(Counting())
+    fused = convbn.fuse(original)
+    assert fused.calls == 0 and not hasattr(fused, "last")  # tracing ran forward: counter and Proxy put back
+    pickle.dumps(fused)
+    assert_same(fused, original, torch.randn(2, 3, 5, 5, dtype=F64))
+
+
+class Sneaky(nn.Module):
+    """Conv outputs that reach more than the batch norm without an op fx shows."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.wrapped = nn.Sequential(nn.Conv2d(3, 4, 1))
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if self.kind == "no_grad conv":
+            with torch.no_grad():
+                c = self.conv(x)
+        else:
+            c = self.conv(x)
+        if self.kind == "stored":
+            self.features = c
+        y = self.bn(c)
+        if self.kind == "direct forward":  # the conv alone, bypassing __call__
+            y = y + self.conv.forward(x)
+        if self.kind == "functional bn":
+            y = y + F.batch_norm(x.mean(1, keepdim=True).expand(-1, 4, -1, -1), self.bn.running_mean,
+                                 self.bn.running_var, training=False)
+        return y + self.bn2(self.wrapped(x))  # self.features is read by the caller after forward
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("no_grad conv", "grad or autocast"),
+    ("stored", "attribute features"),
+    ("direct forward", "reads the layer's tensors directly"),
+    ("functional bn", "reads the batch norm's tensors directly"),
+])
+def test_uses_fx_does_not_draw_are_seen(kind, reason):
+    original = randomized(Sneaky(kind))
+    captured = []
+    original.wrapped.register_forward_hook(lambda m, i, out: captured.append(out))  # sees the conv's output
+    fused, report = convbn.fuse(original, report=True)
+    left = {p.layer: p.reason for p in report.left_alone}
+    assert reason in left["conv"] and "hooks of Sequential" in left["wrapped.0"]
+    assert fused_count(fused) == 0
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    torch.testing.assert_close(fused(x), original(x))
+
+
+class BatchNormFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.conv.register_buffer("mask", torch.ones(4, 3, 3, 3))
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.bn(self.conv(x))))
+
+
+def test_pairs_that_would_reorder_parameters_or_drop_extra_state_are_left_alone():
+    original = randomized(BatchNormFirst())
+    fused, report = convbn.fuse(original, report=True)
+    assert fused_count(fused) == 1 and isinstance(fused.conv2, ConvBN2d)
+    assert "more than its standard tensors (mask)" in report.left_alone[0].reason
+    original.conv.mask = None
+    del original.conv._buffers["mask"]
+    fused, report = convbn.fuse(original, report=True)
+    assert "reorder" in report.left_alone[0].reason
+    assert [id(p) for p in fused.parameters()] != [] and list(fused.state_dict()) == list(original.state_dict())
+
+
+def test_keyword_calls_and_python_random_drop_paths():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = block(3, 4), block(4, 4)
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            import random
+            x = self.a(x)
+            if self.training and random.random() < 0.5:  # drop the block
+                return x + self.bn(input=self.conv(x))
+            return self.b(x) + self.bn(input=self.conv(x))
+
+    original = randomized(Model())
+    fused, report = convbn.fuse(original, report=True)
+    assert [p.layer for p in report.left_alone] == ["conv"] and "more than the layer's output" in report.left_alone[0].reason
+    import random
+    state = random.getstate()
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    for _ in range(4):
+        random.setstate(state)
+        a = original(x)
+        random.setstate(state)
+        torch.testing.assert_close(fused(x), a)
+        state = random.getstate()
+
+
+def test_slot_forwards_batch_norm_methods_and_empty_batches_train():
+    original = randomized(nn.Sequential(block(3, 4)))
+    fused = convbn.fuse(original)
+    slot, layer = fused[0][1], fused[0][0]
+    slot.requires_grad_(False)
+    assert not layer.bn_weight.requires_grad and layer.weight.requires_grad
+    slot.reset_running_stats()
+    assert layer.num_batches_tracked.item() == 0 and torch.equal(layer.running_var, torch.ones(4, dtype=F64))
+    # An empty batch in training (a detection head with no boxes): as nn.
+    reference = copy.deepcopy(original)
+    reference[0][1].reset_running_stats()
+    x = torch.randn(0, 3, 5, 5, dtype=F64, requires_grad=True)
+    out, ref = fused(x), reference(x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(layer.running_mean, reference[0][1].running_mean)
+    assert layer.num_batches_tracked.item() == reference[0][1].num_batches_tracked.item() == 1
+
+
+def test_an_uncopyable_model_says_to_fuse_in_place():
+    model = nn.Sequential(block(3, 4))
+    model.generator = (i for i in range(3))  # generators cannot be deep-copied
+    with pytest.raises(RuntimeError, match="inplace=True"):
+        convbn.fuse(model)
+    assert isinstance(convbn.fuse(model, inplace=True)[0][0], ConvBN2d)

@@ -76,9 +76,11 @@ MODELS = [
     ("monai_AttentionUnet", "monai.networks.nets", "AttentionUnet",
      {"spatial_dims": 2, "in_channels": 3, "out_channels": 2, "channels": (8, 16, 32), "strides": (2, 2)},
      (2, 3, 32, 32), 0, None),
+    # DynUNet's and RegUNet's residual blocks register conv1, conv2, norm1,
+    # norm2: fusing would reorder model.parameters() (optimizer state).
     ("monai_DynUNet", "monai.networks.nets", "DynUNet",
      {"spatial_dims": 2, "in_channels": 3, "out_channels": 2, "kernel_size": [3, 3, 3], "strides": [1, 2, 2],
-      "upsample_kernel_size": [2, 2], "norm_name": "batch", "filters": [8, 16, 32]}, (2, 3, 32, 32), 0, None),
+      "upsample_kernel_size": [2, 2], "norm_name": "batch", "filters": [8, 16, 32]}, (2, 3, 32, 32), 10, "reorder"),
     ("monai_SENet_small", "monai.networks.nets", "SENet",
      {"spatial_dims": 2, "in_channels": 3, "block": "se_resnet_bottleneck", "layers": (1, 1, 1, 1), "groups": 1,
       "reduction": 4, "inplanes": 8, "downsample_kernel_size": 1, "input_3x3": False, "num_classes": 3},
@@ -95,7 +97,7 @@ MODELS = [
       "norm": "batch"}, (2, 3, 32, 32), 3, "also used"),
     ("monai_RegUNet", "monai.networks.nets", "RegUNet",
      {"spatial_dims": 2, "in_channels": 3, "num_channel_initial": 4, "depth": 2, "out_channels": 2},
-     (2, 3, 32, 32), 0, None),
+     (2, 3, 32, 32), 6, "reorder"),
 ]
 
 

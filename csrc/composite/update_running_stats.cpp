@@ -55,9 +55,14 @@ void update_running_stats_impl(
 
   // The batch variance from save_invstd = 1 / sqrt(var + eps), made
   // unbiased (count / (count - 1)) as nn.BatchNorm2d's running_var is.
-  // Blending in double keeps float32 statistics as exact as ATen's.
+  // Blending in double keeps float32 statistics as exact as ATen's. (An
+  // infinite running_var here came from an infinite batch variance,
+  // save_invstd = 0: see batch_mean_var in cpu/batch_norm_kernels.h.)
+  // save_invstd is rounded to the statistics' dtype, so invstd^-2 - eps can
+  // come out a rounding error below 0 when var is 0 (a constant channel):
+  // clamped, the variance is 0 as the pair's, never negative.
   const at::Tensor batch_var =
-      (save_invstd.to(at::kDouble).pow(-2) - eps) *
+      (save_invstd.to(at::kDouble).pow(-2) - eps).clamp_min_(0) *
       (static_cast<double>(count) / static_cast<double>(count - 1));
   const at::Tensor new_count = num_batches_tracked + 1;
   // momentum=None: factor 1 / num_batches_tracked, kept on the device (no

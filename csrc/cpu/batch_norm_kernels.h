@@ -7,7 +7,10 @@
 // Reductions accumulate in at::opmath_type (float for float16/bfloat16,
 // otherwise the type itself) over one plane or one block of rows, and in
 // double across planes/blocks, so that long channels keep their precision.
-// Statistics are Welford-style: exact per-part mean and M2, merged (Chan).
+// Statistics are Welford-style: exact per-part mean and M2, merged (Chan);
+// each part's mean is taken of the values less the part's first value (a
+// shifted sum), so that a part of equal values has exactly that mean and an
+// M2 of exactly 0 however large they are (see batch_mean_var).
 // The order of every sum is fixed (blocks do not depend on the thread
 // count), so results are deterministic.
 //
@@ -77,26 +80,27 @@ T lane_sum(const at::vec::Vectorized<T>& v) {
 // ---------------------------------------------------------------------------
 // Contiguous spans: one (image, channel) plane in NCHW.
 
-// sum(x)
+// sum(x - pivot)
 template <typename T>
-opmath_t<T> span_sum(const T* x, int64_t n) {
+opmath_t<T> span_sum_shifted(const T* x, int64_t n, opmath_t<T> pivot) {
   using acc_t = opmath_t<T>;
   int64_t i = 0;
   acc_t s = 0;
   if constexpr (kVectorized<T>) {
     using Vec = at::vec::Vectorized<T>;
+    const Vec p(pivot);
     Vec acc0(T(0)), acc1(T(0));
     for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
-      acc0 += Vec::loadu(x + i);
-      acc1 += Vec::loadu(x + i + Vec::size());
+      acc0 += Vec::loadu(x + i) - p;
+      acc1 += Vec::loadu(x + i + Vec::size()) - p;
     }
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      acc0 += Vec::loadu(x + i);
+      acc0 += Vec::loadu(x + i) - p;
     }
     s = lane_sum(acc0 + acc1);
   }
   for (; i < n; ++i) {
-    s += acc_t(x[i]);
+    s += acc_t(x[i]) - pivot;
   }
   return s;
 }
@@ -160,14 +164,14 @@ std::array<opmath_t<T>, 2> span_sum_and_dot_centered(
   return {s_dy, s_dot};
 }
 
-// out = a * u + b * (v - m) + c (the v term only when HasV). out may be u or
-// v. v is centred before it is scaled: folding -b * m into c would round
-// b * v and b * m separately and lose the difference when the mean is large.
+// out = a * ((u - mu) + b * (v - m)) + c (the v term only when HasV), in
+// this order (see channel_affine). out may be u or v.
 template <typename T, bool HasV>
 void span_affine(
     T* out,
     const T* u,
     opmath_t<T> a,
+    opmath_t<T> mu,
     const T* v,
     opmath_t<T> b,
     opmath_t<T> m,
@@ -177,39 +181,40 @@ void span_affine(
   int64_t i = 0;
   if constexpr (kVectorized<T>) {
     using Vec = at::vec::Vectorized<T>;
-    const Vec va(a), vb(b), vm(m), vc(c);
+    const Vec va(a), vmu(mu), vb(b), vm(m), vc(c);
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec r = at::vec::fmadd(Vec::loadu(u + i), va, vc);
+      Vec t = Vec::loadu(u + i) - vmu;
       if constexpr (HasV) {
-        r = at::vec::fmadd(Vec::loadu(v + i) - vm, vb, r);
+        t = at::vec::fmadd(Vec::loadu(v + i) - vm, vb, t);
       }
-      r.store(out + i);
+      at::vec::fmadd(t, va, vc).store(out + i);
     }
   }
   for (; i < n; ++i) {
-    acc_t r = a * acc_t(u[i]) + c;
+    acc_t t = acc_t(u[i]) - mu;
     if constexpr (HasV) {
-      r += b * (acc_t(v[i]) - m);
+      t += b * (acc_t(v[i]) - m);
     }
-    out[i] = T(r);
+    out[i] = T(a * t + c);
   }
 }
 
 // ---------------------------------------------------------------------------
 // Rows: one position of a channels_last tensor, C channels side by side.
 
-// s[c] += x[c]
+// s[c] += x[c] - pivot[c]
 template <typename T>
-void row_add(opmath_t<T>* s, const T* x, int64_t C) {
+void row_add_shifted(opmath_t<T>* s, const T* x, const T* pivot, int64_t C) {
   int64_t c = 0;
   if constexpr (kVectorized<T>) {
     using Vec = at::vec::Vectorized<T>;
     for (; c + Vec::size() <= C; c += Vec::size()) {
-      (Vec::loadu(s + c) + Vec::loadu(x + c)).store(s + c);
+      (Vec::loadu(s + c) + (Vec::loadu(x + c) - Vec::loadu(pivot + c)))
+          .store(s + c);
     }
   }
   for (; c < C; ++c) {
-    s[c] += opmath_t<T>(x[c]);
+    s[c] += opmath_t<T>(x[c]) - opmath_t<T>(pivot[c]);
   }
 }
 
@@ -261,13 +266,14 @@ void row_add_sum_and_dot_centered(
   }
 }
 
-// out[c] = a[c] * u[c] + b[c] * (v[c] - m[c]) + c0[c] (the v term only when
-// HasV), as span_affine.
+// out[c] = a[c] * ((u[c] - mu[c]) + b[c] * (v[c] - m[c])) + c0[c] (the v
+// term only when HasV), as span_affine.
 template <typename T, bool HasV>
 void row_affine(
     T* out,
     const T* u,
     const opmath_t<T>* a,
+    const opmath_t<T>* mu,
     const T* v,
     const opmath_t<T>* b,
     const opmath_t<T>* m,
@@ -277,21 +283,20 @@ void row_affine(
   if constexpr (kVectorized<T>) {
     using Vec = at::vec::Vectorized<T>;
     for (; c + Vec::size() <= C; c += Vec::size()) {
-      Vec r = at::vec::fmadd(
-          Vec::loadu(u + c), Vec::loadu(a + c), Vec::loadu(c0 + c));
+      Vec t = Vec::loadu(u + c) - Vec::loadu(mu + c);
       if constexpr (HasV) {
-        r = at::vec::fmadd(
-            Vec::loadu(v + c) - Vec::loadu(m + c), Vec::loadu(b + c), r);
+        t = at::vec::fmadd(
+            Vec::loadu(v + c) - Vec::loadu(m + c), Vec::loadu(b + c), t);
       }
-      r.store(out + c);
+      at::vec::fmadd(t, Vec::loadu(a + c), Vec::loadu(c0 + c)).store(out + c);
     }
   }
   for (; c < C; ++c) {
-    opmath_t<T> r = a[c] * opmath_t<T>(u[c]) + c0[c];
+    opmath_t<T> t = opmath_t<T>(u[c]) - mu[c];
     if constexpr (HasV) {
-      r += b[c] * (opmath_t<T>(v[c]) - m[c]);
+      t += b[c] * (opmath_t<T>(v[c]) - m[c]);
     }
-    out[c] = T(r);
+    out[c] = T(a[c] * t + c0[c]);
   }
 }
 
@@ -346,6 +351,15 @@ struct MeanM2 {
 // and sum of squared deviations while it is in cache, and the parts are
 // merged in double. This keeps the accuracy of a two-pass variance (no
 // E[x^2] - E[x]^2 cancellation) at the memory traffic of one pass.
+//
+// A part's mean is its first value plus the mean of the values less it.
+// Summing the values themselves rounds the sum (in float for float32), so
+// the mean of equal values x could come out an ulp or so off x: then every
+// deviation is ~1e-7 * |x|, whose square overflows float32 once |x| is
+// above ~1e19 (a constant 1e30 channel got var = inf, invstd = 0 and an
+// infinite running_var, where nn.BatchNorm2d gives 0). With the shift,
+// equal values give their exact mean and deviations of exactly 0, and the
+// sum of the deviations is as accurate as the spread, not the magnitude.
 template <typename T>
 void batch_mean_var(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
   using acc_t = opmath_t<T>;
@@ -361,7 +375,9 @@ void batch_mean_var(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
         MeanM2 stats;
         for (int64_t n = 0; n < L.batch; ++n) {
           const T* plane = data + (n * C + c) * HW;
-          const acc_t plane_mean = span_sum(plane, HW) / acc_t(HW);
+          const acc_t pivot = acc_t(plane[0]);
+          const acc_t plane_mean =
+              pivot + span_sum_shifted(plane, HW, pivot) / acc_t(HW);
           stats.merge(
               HW, plane_mean, span_sum_sq_centered(plane, HW, plane_mean));
         }
@@ -374,17 +390,19 @@ void batch_mean_var(const at::Tensor& y, at::Tensor& mean, at::Tensor& var) {
 
   const int64_t rows = L.values_per_channel();
   const int64_t block_rows = rows_per_block(C);
-  // Per block: C means, then C sums of squared deviations from them.
+  // Per block: C means, then C sums of squared deviations from them. The
+  // block's first row is the pivot of its shifted sums.
   const std::vector<double> partial = reduce_row_blocks<acc_t>(
       rows, block_rows, 2 * C, [&](acc_t* acc, int64_t r0, int64_t r1) {
         acc_t* block_mean = acc;
         acc_t* block_m2 = acc + C;
-        for (int64_t r = r0; r < r1; ++r) {
-          row_add(block_mean, data + r * C, C);
+        const T* pivot = data + r0 * C;
+        for (int64_t r = r0 + 1; r < r1; ++r) {
+          row_add_shifted(block_mean, data + r * C, pivot, C);
         }
         const acc_t inv_rows = acc_t(1) / acc_t(r1 - r0);
         for (int64_t c = 0; c < C; ++c) {
-          block_mean[c] *= inv_rows;
+          block_mean[c] = acc_t(pivot[c]) + block_mean[c] * inv_rows;
         }
         for (int64_t r = r0; r < r1; ++r) {
           row_add_sq_centered(block_m2, data + r * C, block_mean, C);
@@ -459,14 +477,16 @@ void batch_grad_sums(
   }
 }
 
-// Per channel, elementwise: out = a[c] * u + c0[c], plus b[c] * (v - m[c])
-// when `centered` = {v, b, m} is given. a, b, m, c0 are 1-D opmath tensors;
-// out may alias u or v.
+// Per channel, elementwise: out = a[c] * ((u - mu[c]) + b[c] * (v - m[c]))
+// + c0[c], the b term when `centered` = {v, b, m} is given (kernel_table.h
+// says why in this order). a, mu, b, m, c0 are 1-D opmath tensors; out may
+// alias u or v.
 template <typename T>
 void channel_affine(
     at::Tensor& out,
     const at::Tensor& u,
     const at::Tensor& a,
+    const at::Tensor& mu,
     const at::Tensor& c0,
     const CenteredTerm* centered) {
   using acc_t = opmath_t<T>;
@@ -480,6 +500,7 @@ void channel_affine(
   const T* u_data = u.const_data_ptr<T>();
   const T* v_data = centered ? centered->v.const_data_ptr<T>() : nullptr;
   const acc_t* a_data = a.const_data_ptr<acc_t>();
+  const acc_t* mu_data = mu.const_data_ptr<acc_t>();
   const acc_t* b_data = centered ? centered->b.const_data_ptr<acc_t>() : nullptr;
   const acc_t* m_data = centered ? centered->m.const_data_ptr<acc_t>() : nullptr;
   const acc_t* c_data = c0.const_data_ptr<acc_t>();
@@ -492,7 +513,7 @@ void channel_affine(
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t c = p % C;
           span_affine<T, HasV>(
-              out_data + p * HW, u_data + p * HW, a_data[c],
+              out_data + p * HW, u_data + p * HW, a_data[c], mu_data[c],
               HasV ? v_data + p * HW : nullptr, HasV ? b_data[c] : acc_t(0),
               HasV ? m_data[c] : acc_t(0), c_data[c], HW);
         }
@@ -503,7 +524,7 @@ void channel_affine(
           0, L.values_per_channel(), grain, [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r) {
               row_affine<T, HasV>(
-                  out_data + r * C, u_data + r * C, a_data,
+                  out_data + r * C, u_data + r * C, a_data, mu_data,
                   HasV ? v_data + r * C : nullptr, b_data, m_data, c_data, C);
             }
           });
@@ -546,10 +567,11 @@ inline void dispatch_channel_affine(
     at::Tensor& out,
     const at::Tensor& u,
     const at::Tensor& a,
+    const at::Tensor& mu,
     const at::Tensor& c0,
     const CenteredTerm* centered) {
   CONVBN_DISPATCH_FLOATING(u.scalar_type(), "convbn_channel_affine", [&] {
-    channel_affine<scalar_t>(out, u, a, c0, centered);
+    channel_affine<scalar_t>(out, u, a, mu, c0, centered);
   });
 }
 

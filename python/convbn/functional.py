@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+try:  # torch >= 2.9 tells symbolic tracing apart from torch.export
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
+except ImportError:
+    from torch.fx._symbolic_trace import is_fx_tracing
+
 
 def _pair(value: Union[int, Tuple[int, int]], name: str) -> List[int]:
     if torch.jit.is_scripting():  # the types are checked when scripting
@@ -166,6 +171,12 @@ def _conv_bn_prepared(
         )
 
     _check_statistics(running_mean, running_var, num_batches_tracked, momentum)
+    if group_name is None and _is_empty_batch(input):
+        # nn's pair on an empty batch: an empty output, zero gradients, the
+        # running statistics as they were, num_batches_tracked counted.
+        return _empty_batch(
+            F.conv2d(input, weight, bias, stride, padding, dilation, groups), running_mean, running_var,
+            num_batches_tracked, bn_weight, bn_bias, eps)
     if group_name is None:
         output, save_mean, save_invstd, _ = torch.ops.convbn.conv_bn_train(
             input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
@@ -237,6 +248,9 @@ def _linear_bn_prepared(
             input, weight, bias, bn_weight, bn_bias, mean, var, eps,
         )
     _check_statistics(running_mean, running_var, num_batches_tracked, momentum)
+    if group_name is None and _is_empty_batch(input):
+        return _empty_batch(F.linear(input, weight, bias), running_mean, running_var, num_batches_tracked,
+                            bn_weight, bn_bias, eps)
     if group_name is None:
         output, save_mean, save_invstd, _ = torch.ops.convbn.linear_bn_train(
             input, weight, bias, bn_weight, bn_bias, eps, memory_efficient,
@@ -251,6 +265,32 @@ def _linear_bn_prepared(
         running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum, count,
     )
     return output
+
+
+def _is_empty_batch(input: Tensor) -> bool:
+    if not torch.jit.is_scripting() and _is_fx_tracing():
+        return False  # a Proxy's size is not known; the graph takes the operator
+    return input.size(0) == 0
+
+
+@torch.jit.unused
+def _is_fx_tracing() -> bool:
+    """Whether torch.fx.symbolic_trace is running: shapes are Proxies then."""
+    return is_fx_tracing()
+
+
+def _empty_batch(
+    output: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    eps: float,
+) -> Tensor:
+    if num_batches_tracked is not None and running_mean is not None:
+        num_batches_tracked.add_(1)
+    return F.batch_norm(output, running_mean, running_var, bn_weight, bn_bias, True, 0.0, eps)
 
 
 def _eval_statistics(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> Tuple[Tensor, Tensor]:

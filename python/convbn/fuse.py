@@ -24,9 +24,11 @@ they are, through pickling and deepcopy, and unfuse only swaps modules
 back. The model keeps its class, its forward, its hooks elsewhere, its
 shared and its unused modules."""
 
+import contextlib
 import copy
 import logging
 import math
+import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -125,6 +127,28 @@ class FusedBatchNormSlot(nn.Module):
         self.fused.training = mode
         return self
 
+    # The slot registers no parameters of its own (the fused module does), so
+    # that per-module parameter walks (optimizer param groups, DDP) never see
+    # one twice; what nn.BatchNorm's methods do on them is forwarded here.
+    def requires_grad_(self, requires_grad: bool = True) -> "FusedBatchNormSlot":
+        for name in _BN_PARAMETERS:
+            p = getattr(self.fused, _BN_STATE[name])
+            if p is not None:
+                p.requires_grad_(requires_grad)
+        return self
+
+    def reset_running_stats(self) -> None:
+        if self.fused.track_running_stats:
+            self.fused.running_mean.zero_()
+            self.fused.running_var.fill_(1)
+            self.fused.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.fused.affine:
+            nn.init.ones_(self.fused.bn_weight)
+            nn.init.zeros_(self.fused.bn_bias)
+
     def _bn_tensors(self) -> Dict[str, Optional[Tensor]]:
         return {name: getattr(self.fused, attr) for name, attr in _BN_STATE.items()}
 
@@ -210,6 +234,11 @@ class _Tracer(torch.fx.Tracer):
         self.opaque = opaque
         self.calling: List[nn.Module] = []
         self.failed_in: Optional[nn.Module] = None
+        # Per module-call node: grad mode and autocast state around the call
+        # (fx runs `with torch.no_grad():` for real but records no trace of
+        # it), and the values hooks of traced-through modules observe.
+        self.context: Dict[torch.fx.Node, Tuple] = {}
+        self.observed: Dict[torch.fx.Node, str] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (id(m) in self.opaque
@@ -223,13 +252,51 @@ class _Tracer(torch.fx.Tracer):
             return forward(*args, **kwargs)
         self.calling.append(m)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            result = super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:
                 self.failed_in = m
             raise
         finally:
             self.calling.pop()
+        if isinstance(result, torch.fx.Proxy) and result.node.op == "call_module":
+            self.context[result.node] = _call_context()
+        if _has_hooks(m):  # a hook may keep or change what goes in and out
+            for value in (args, kwargs, result):
+                for node in _nodes_in(value):
+                    self.observed.setdefault(node, f"hooks of {type(m).__name__}")
+        return result
+
+
+def _call_context() -> Tuple:
+    autocast = tuple(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")) if _AUTOCAST_BY_DEVICE else ()
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) + autocast
+
+
+try:
+    torch.is_autocast_enabled("cpu")
+    _AUTOCAST_BY_DEVICE = True
+except TypeError:  # older torch
+    _AUTOCAST_BY_DEVICE = False
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, name, None) for name in _HOOK_DICTS)
+
+
+def _nodes_in(value, depth: int = 0) -> List[torch.fx.Node]:
+    """The fx nodes of the Proxies in value (a Proxy, or containers of them)."""
+    if isinstance(value, torch.fx.Proxy):
+        return [value.node]
+    if depth > 3:
+        return []
+    if isinstance(value, (list, tuple, set)):
+        return [n for v in value for n in _nodes_in(v, depth + 1)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _nodes_in(v, depth + 1)]
+    return []
 
 
 @dataclass
@@ -242,6 +309,13 @@ class _Traced:
     graphs: List[Tuple[str, nn.Module, torch.fx.Graph, str]] = field(default_factory=list)
     covered: Dict[int, str] = field(default_factory=dict)
     untraced: List[Tuple[str, str]] = field(default_factory=list)
+    context: Dict[torch.fx.Node, Tuple] = field(default_factory=dict)
+    # Other uses of a node than its graph users: a module attribute forward
+    # stored it in, a hook that sees it.
+    observed: Dict[torch.fx.Node, str] = field(default_factory=dict)
+    # Modules whose parameters or buffers forward reads directly (get_attr):
+    # self.conv.forward(x), F.batch_norm(x, self.bn.running_mean, ...).
+    read_directly: Dict[int, str] = field(default_factory=dict)
 
 
 def _error_line(error: Exception) -> str:
@@ -263,6 +337,9 @@ def _trace(module: nn.Module, name: str, traced: _Traced, called_by_untraced: st
         tracer = _Tracer(set(opaque))
         try:
             graph = tracer.trace(module)
+            traced.context.update(tracer.context)
+            traced.observed.update(tracer.observed)
+            _record_stored_proxies(module, traced)
             break
         except Exception as error:  # fx cannot trace data-dependent Python
             failed = tracer.failed_in
@@ -275,6 +352,11 @@ def _trace(module: nn.Module, name: str, traced: _Traced, called_by_untraced: st
                 return
             opaque[id(failed)] = failed
     traced.graphs.append((name, module, graph, called_by_untraced))
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            owner_name = node.target.rpartition(".")[0]
+            owner = module.get_submodule(owner_name) if owner_name else module
+            traced.read_directly.setdefault(id(owner), node.target)
     inside_opaque = {id(sub) for m in opaque.values() for sub in m.modules() if sub is not m}
     for sub in module.modules():
         if id(sub) not in inside_opaque:
@@ -285,6 +367,48 @@ def _trace(module: nn.Module, name: str, traced: _Traced, called_by_untraced: st
         _trace(m, full, traced, "", seen)
 
 
+def _record_stored_proxies(root: nn.Module, traced: _Traced) -> None:
+    """Values forward stored on a module (self.features = x) are uses fx's
+    graph does not show; fuse restores the attributes afterwards."""
+    for name, m in root.named_modules():
+        for attr, value in m.__dict__.items():
+            if attr in ("_parameters", "_buffers", "_modules"):
+                continue
+            for node in _nodes_in(value):
+                traced.observed.setdefault(node, f"the attribute {name + '.' if name else ''}{attr}")
+
+
+@contextlib.contextmanager
+def _model_state_restored(model: nn.Module):
+    """Tracing and example runs execute forward's Python: put back every
+    module attribute it assigns (counters, cached tensors, fx Proxies) and
+    the random generators it draws from."""
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+             for m in model.modules()]
+    try:
+        with _random_state_restored():
+            yield
+    finally:
+        for m, attributes, parameters, buffers, modules in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+            for live, kept in ((m._parameters, parameters), (m._buffers, buffers), (m._modules, modules)):
+                live.clear()
+                live.update(kept)
+
+
+@contextlib.contextmanager
+def _random_state_restored():
+    """Python's, torch's CPU and (initialized) CUDA generators as they were."""
+    python_random = random.getstate()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(python_random)
+
+
 def _trace_in_modes(model: nn.Module) -> List[_Traced]:
     """Traces with every module in training mode, in eval mode, and in the
     modes they have now; restores every module's flag afterwards."""
@@ -292,7 +416,7 @@ def _trace_in_modes(model: nn.Module) -> List[_Traced]:
     now = [m.training for m in modules]
     settings = [now, [True] * len(modules), [False] * len(modules)]
     results = []
-    try:
+    with _model_state_restored(model):
         for i, flags in enumerate(settings):
             if flags in settings[:i]:
                 continue
@@ -301,9 +425,6 @@ def _trace_in_modes(model: nn.Module) -> List[_Traced]:
             traced = _Traced()
             _trace(model, "", traced, "", set())
             results.append(traced)
-    finally:
-        for m, flag in zip(modules, now):
-            m.training = flag
     return results
 
 
@@ -332,9 +453,10 @@ def _find_candidates(traced_modes: List[_Traced]) -> Tuple[List[_Candidate], Lis
                     owner[node] = module
             for node in graph.nodes:
                 module = owner.get(node)
-                if not isinstance(module, _BatchNorm) or not node.args:
+                source = node.args[0] if node.args else node.kwargs.get("input")
+                if not isinstance(module, _BatchNorm) or not isinstance(source, torch.fx.Node):
                     continue
-                layer = owner.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+                layer = owner.get(source)
                 if isinstance(layer, _LAYER_TYPES):
                     key = (id(layer), id(module))
                     edges.setdefault(key, (layer, module))
@@ -348,6 +470,19 @@ def _find_candidates(traced_modes: List[_Traced]) -> Tuple[List[_Candidate], Lis
                     refusals[key] = "the forward calling it could not be traced with the modules in some train/eval modes"
                 continue
             reason = _calls_reason(layer_calls, bn_calls, owner, layer, bn)
+            for node in layer_calls:
+                if reason is None and node in traced.observed:
+                    reason = f"the layer's output is also kept by {traced.observed[node]}"
+            for node in bn_calls:
+                if reason is None and node in traced.observed:
+                    reason = f"the batch norm's input or output is seen by {traced.observed[node]}"
+                if reason is None and traced.context.get(node) != traced.context.get(node.args[0] if node.args else None):
+                    reason = ("the layer and the batch norm run under different grad or autocast modes "
+                              "(torch.no_grad(), autocast) in forward")
+            for m, what in ((layer, "layer"), (bn, "batch norm")):
+                if reason is None and id(m) in traced.read_directly:
+                    reason = (f"forward reads the {what}'s tensors directly ({traced.read_directly[id(m)]}), "
+                              "not only by calling it")
             if reason is not None:
                 refusals[key] = reason
     candidates, left = [], []
@@ -396,6 +531,13 @@ def _module_reason(layer: nn.Module, bn: nn.Module) -> Optional[str]:
                       "_load_state_dict_post_hooks"):
             if getattr(m, hooks, None):
                 return f"the {what} has {hooks.strip('_').replace('_', ' ')} (they would no longer run)"
+    for what, m, standard in (("layer", layer, {"weight", "bias"}),
+                              ("batch norm", bn, {"weight", "bias", *_BN_STATE})):
+        extra = (set(m._parameters) | set(m._buffers)) - standard
+        if extra:
+            return f"the {what} holds more than its standard tensors ({', '.join(sorted(extra))})"
+        if m._non_persistent_buffers_set:
+            return f"the {what} has non-persistent buffers ({', '.join(sorted(m._non_persistent_buffers_set))})"
     channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
     if channels != bn.num_features:
         return f"the layer has {channels} output channels but the batch norm num_features={bn.num_features}"
@@ -432,6 +574,7 @@ _METADATA_READS = {"shape", "size", "dim", "ndim", "ndimension", "dtype", "devic
 class _LayerCall:
     output: Tensor
     layer: nn.Module
+    context: Tuple = ()
     uses: List[str] = field(default_factory=list)
     bn_calls: List[nn.Module] = field(default_factory=list)
 
@@ -493,7 +636,7 @@ def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[i
                 call = outputs.get(id(t))
                 if call is not None and call.output is t:
                     sole = len(args) == 1 and not kwargs and args[0] is t
-                    if isinstance(module, _BatchNorm) and sole:
+                    if isinstance(module, _BatchNorm) and sole and call.context == _call_context():
                         call.bn_calls.append(original_of[id(module)])
                     elif is_leaf:
                         call.uses.append(type(module).__name__)
@@ -507,7 +650,7 @@ def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[i
             if not module._modules:
                 recorder.inside_leaf -= 1
             if isinstance(module, _LAYER_TYPES) and isinstance(output, Tensor):
-                call = _LayerCall(output, original_of[id(module)])
+                call = _LayerCall(output, original_of[id(module)], _call_context())
                 outputs[id(output)] = call
                 layer_calls[id(call.layer)].append(call)
 
@@ -515,7 +658,7 @@ def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[i
             m.register_forward_pre_hook(pre_hook, with_kwargs=True)
             m.register_forward_hook(post_hook)
         try:
-            with torch.random.fork_rng(devices=[]), recorder:
+            with _random_state_restored(), recorder:
                 result = copied(*example_inputs)
         except Exception as error:
             failures.append((f"run {'in the current modes' if i == 0 else ('in training mode' if flags[0] else 'in eval mode')}", _error_line(error)))
@@ -524,6 +667,12 @@ def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[i
             call = outputs.get(id(t))
             if call is not None and call.output is t:
                 call.uses.append("the model's output")
+        for name, m in copied.named_modules():  # stored by forward: self.features = x
+            for attr, value in m.__dict__.items():
+                for t in _tensors_in(value) if attr not in ("_parameters", "_buffers", "_modules") else []:
+                    call = outputs.get(id(t))
+                    if call is not None and call.output is t:
+                        call.uses.append(f"the attribute {name + '.' if name else ''}{attr}")
         edges = {(id(c.layer), id(bn)): (c.layer, bn) for calls in layer_calls.values() for c in calls for bn in c.bn_calls}
         for key, (layer, bn) in edges.items():
             reason = None
@@ -576,6 +725,17 @@ def _adopt(layer: nn.Module, bn: nn.Module, memory_efficient: bool) -> _FusedBat
     return fused
 
 
+def _parameter_order_reason(layer: nn.Module, bn: nn.Module, order: Dict[int, int]) -> Optional[str]:
+    """The fused module lists the layer's parameters, then the batch norm's:
+    model.parameters() keeps its order (which optimizer state_dicts and
+    parameters_to_vector rely on) only when that is already the order."""
+    ids = [order[id(p)] for p in (layer.weight, layer.bias, bn.weight, bn.bias) if p is not None]
+    if ids != list(range(ids[0], ids[0] + len(ids))) if ids else False:
+        return ("the batch norm's parameters do not directly follow the layer's in model.parameters(); "
+                "fusing would reorder them (optimizer state_dicts and parameters_to_vector depend on the order)")
+    return None
+
+
 def _unseen_callers_reason(c: _Candidate, places, untraced: Dict[str, str]) -> Optional[str]:
     """A forward fx could not trace may call any module registered below it,
     unseen: then the pair's calls are not all known. None when no such
@@ -625,7 +785,13 @@ def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False,
     takes (N, C, L).
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except Exception as error:
+            raise RuntimeError(
+                f"convbn.fuse: cannot copy the model ({_error_line(error)}); fuse(model, inplace=True) "
+                "fuses it in place instead"
+            ) from error
     traced_modes = _trace_in_modes(model)
     candidates, seen_but_not = _find_candidates(traced_modes)
     verdicts, run_failures = {}, []
@@ -647,9 +813,15 @@ def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False,
     for key, (layer, bn, reason) in verdicts.items():
         if key not in decided:  # only a run saw this pair
             candidates.append(_Candidate(layer, bn, None))
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    global_hooks = any(getattr(nn.modules.module, f"_global{name}", None) for name in _HOOK_DICTS)
     for c in candidates:
         layer_name, bn_name = names[id(c.layer)], names[id(c.bn)]
         reason = _module_reason(c.layer, c.bn)
+        if reason is None and global_hooks:
+            reason = "global module hooks are registered (nn.modules.module.register_module_forward_hook...)"
+        if reason is None:
+            reason = _parameter_order_reason(c.layer, c.bn, order)
         if reason is None and (c.block is None or _unseen_callers_reason(c, places, untraced)):
             # Graphs do not show every use: the example runs decide.
             verdict = verdicts.get((id(c.layer), id(c.bn)))

@@ -8,23 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:  # torch >= 2.9 tells symbolic tracing apart from torch.export
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
-except ImportError:
-    from torch.fx._symbolic_trace import is_fx_tracing
-
-from .functional import _conv_bn_prepared, _linear_bn_prepared, _pair, check_momentum, same_padding
+from .functional import _conv_bn_prepared, _is_fx_tracing, _linear_bn_prepared, _pair, check_momentum, same_padding
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # The fused modules' batch norm attributes (parameters and buffers).
 _BN_ATTRIBUTES = ("bn_weight", "bn_bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-@torch.jit.unused
-def _is_fx_tracing() -> bool:
-    """Whether torch.fx.symbolic_trace is running forward: the input is then a
-    Proxy, whose dim() cannot be compared."""
-    return is_fx_tracing()
 
 
 class _FusedBatchNorm(nn.Module):
