@@ -37,6 +37,24 @@ def assert_as_accurate_as_pair(actual, pair, expected, dtype, name=""):
     assert err <= bound, f"{name}: error {err:.4g} > {bound:.4g} (the {dtype} pair's error is {pair_err:.4g})"
 
 
+def randomize_batch_norms(model, bias_std=0.2, mean_std=0.5):
+    """model with non-trivial batch norm parameters and statistics (every
+    nn.BatchNorm, of any class), so that a mix-up of any two shows."""
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, bias_std)
+                if m.track_running_stats:
+                    m.running_mean.normal_(0, mean_std)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.num_batches_tracked.fill_(3)
+    return model
+
+
 CUDA_REASON = "no CUDA device here: CUDA tests run on a GPU machine (bash scripts/gpu_check.sh)"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
 

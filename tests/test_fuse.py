@@ -15,24 +15,14 @@ from torch import nn
 import convbn
 from convbn import ConvBN2d, FusedBatchNormSlot, LinearBN1d
 from convbn.fuse import FusedPair
+from conftest import randomize_batch_norms
 
 F64 = torch.float64
 
 
 def randomized(model):
-    """model with non-trivial batch norm parameters and statistics, in float64."""
-    model = model.double()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.affine:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.normal_(0, 0.3)
-                if m.track_running_stats:
-                    m.running_mean.normal_(0, 0.5)
-                    m.running_var.uniform_(0.5, 2.0)
-                    m.num_batches_tracked.fill_(3)
-    return model
+    """model in float64, with non-trivial batch norms."""
+    return randomize_batch_norms(model.double(), bias_std=0.3)
 
 
 def fused_count(model):

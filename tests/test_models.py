@@ -11,22 +11,9 @@ import torch
 from torch import nn
 
 import convbn
-from conftest import assert_close_to_reference
+from conftest import assert_close_to_reference, randomize_batch_norms
 
 F64 = torch.float64
-def randomize_batch_norms(model):
-    """Non-trivial affine parameters and running statistics, so that a
-    mix-up of any two of them shows."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(3)
-
-
 def assert_same_training(original, fused, batches):
     """A few SGD steps on both: outputs, input grads, every parameter grad
     and every buffer match; then eval outputs (with and without grad)."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import convbn
+from conftest import randomize_batch_norms
 
 pytest.importorskip("pytorchcv", reason="pip install --no-deps pytorchcv (scripts/install_deps.sh does)")
 pytest.importorskip("monai", reason="pip install --no-deps monai (scripts/install_deps.sh does)")
@@ -104,13 +105,7 @@ MODELS = [
 def build(spec):
     name, module, ctor, kwargs, shape, _, _ = spec
     torch.manual_seed(0)
-    model = getattr(importlib.import_module(module), ctor)(**kwargs).double()
-    with torch.no_grad():  # non-trivial batch norms, so a mix-up shows
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats:
-                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
-    return model
+    return randomize_batch_norms(getattr(importlib.import_module(module), ctor)(**kwargs).double(), mean_std=0.2)
 
 
 def pairs_by_running(model, x):

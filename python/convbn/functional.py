@@ -55,8 +55,8 @@ def _refuse_functorch_differentiation() -> None:
     """torch.func's grad, vjp, jacrev, jvp, jacfwd and hessian cannot go
     through a C++ torch::autograd::Function, which convbn's operators are:
     PyTorch refuses with a message that does not say what to do. Say it."""
-    if torch.compiler.is_compiling():
-        return
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return  # no torch.func transform is running (the common case: one C++ call)
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     transforms = {i.key() for i in retrieve_all_functorch_interpreters()}

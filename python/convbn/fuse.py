@@ -38,7 +38,10 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .modules import ConvBN2d, LinearBN1d, _FusedBatchNorm
+from .modules import (
+    _BATCH_NORM_NAMES, _BN_ATTRIBUTES, ConvBN2d, LinearBN1d, _FusedBatchNorm, _share_tensor,
+    default_num_batches_tracked,
+)
 
 _log = logging.getLogger("convbn.fuse")
 
@@ -48,13 +51,7 @@ _FUSED_TYPE = {(nn.Conv2d, nn.BatchNorm2d): ConvBN2d, (nn.Linear, nn.BatchNorm1d
 _LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 # A batch norm's state_dict keys and the fused module's attribute for each.
-_BN_STATE = {
-    "weight": "bn_weight",
-    "bias": "bn_bias",
-    "running_mean": "running_mean",
-    "running_var": "running_var",
-    "num_batches_tracked": "num_batches_tracked",
-}
+_BN_STATE = dict(zip(_BATCH_NORM_NAMES, _BN_ATTRIBUTES))
 _BN_PARAMETERS = ("weight", "bias")
 
 
@@ -138,16 +135,10 @@ class FusedBatchNormSlot(nn.Module):
         return self
 
     def reset_running_stats(self) -> None:
-        if self.fused.track_running_stats:
-            self.fused.running_mean.zero_()
-            self.fused.running_var.fill_(1)
-            self.fused.num_batches_tracked.zero_()
+        self.fused.reset_running_stats()
 
     def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.fused.affine:
-            nn.init.ones_(self.fused.bn_weight)
-            nn.init.zeros_(self.fused.bn_bias)
+        self.fused._reset_batch_norm()
 
     def _bn_tensors(self) -> Dict[str, Optional[Tensor]]:
         return {name: getattr(self.fused, attr) for name, attr in _BN_STATE.items()}
@@ -159,14 +150,7 @@ class FusedBatchNormSlot(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
-        # nn.BatchNorm's rule: checkpoints older than version 2 have no
-        # num_batches_tracked; they load with the current count.
-        version = local_metadata.get("version", None)
-        tracked = self.fused.num_batches_tracked
-        if (version is None or version < 2) and tracked is not None:
-            key = prefix + "num_batches_tracked"
-            if key not in state_dict:
-                state_dict[key] = tracked if tracked.device.type != "meta" else torch.tensor(0, dtype=torch.long)
+        default_num_batches_tracked(state_dict, prefix, local_metadata, self.fused.num_batches_tracked)
         # nn.Module's own loader (shape checks, copy or assign, messages),
         # run on the fused module's tensors under the batch norm's names.
         tensors = self._bn_tensors()
@@ -232,7 +216,6 @@ class _Tracer(torch.fx.Tracer):
     def __init__(self, opaque: set) -> None:
         super().__init__()
         self.opaque = opaque
-        self.calling: List[nn.Module] = []
         self.failed_in: Optional[nn.Module] = None
         # Per module-call node: grad mode and autocast state around the call
         # (fx runs `with torch.no_grad():` for real but records no trace of
@@ -250,15 +233,12 @@ class _Tracer(torch.fx.Tracer):
             self.path_of_module(m)
         except NameError:  # not registered anywhere: made in forward
             return forward(*args, **kwargs)
-        self.calling.append(m)
         try:
             result = super().call_module(m, forward, args, kwargs)
         except Exception:
-            if self.failed_in is None:
+            if self.failed_in is None:  # the innermost: its handler runs first
                 self.failed_in = m
             raise
-        finally:
-            self.calling.pop()
         if isinstance(result, torch.fx.Proxy) and result.node.op == "call_module":
             self.context[result.node] = _call_context()
         if _has_hooks(m):  # a hook may keep or change what goes in and out
@@ -286,28 +266,54 @@ def _has_hooks(m: nn.Module) -> bool:
     return any(getattr(m, name, None) for name in _HOOK_DICTS)
 
 
-def _nodes_in(value, depth: int = 0) -> List[torch.fx.Node]:
-    """The fx nodes of the Proxies in value (a Proxy, or containers of them)."""
-    if isinstance(value, torch.fx.Proxy):
-        return [value.node]
-    if depth > 3:
+def _found_in(value, kind: type, levels: Optional[int] = None) -> list:
+    """The objects of type kind in value: value itself, or in the lists,
+    tuples, sets and dicts it nests (at most `levels` deep, when given)."""
+    if isinstance(value, kind):
+        return [value]
+    if levels == 0:
         return []
-    if isinstance(value, (list, tuple, set)):
-        return [n for v in value for n in _nodes_in(v, depth + 1)]
     if isinstance(value, dict):
-        return [n for v in value.values() for n in _nodes_in(v, depth + 1)]
+        value = list(value.values())
+    if isinstance(value, (list, tuple, set)):
+        inner = None if levels is None else levels - 1
+        return [found for v in value for found in _found_in(v, kind, inner)]
     return []
+
+
+def _nodes_in(value) -> List[torch.fx.Node]:
+    """The fx nodes of the Proxies in value (any module attribute may hold
+    one, so only a few levels of nesting are searched)."""
+    return [proxy.node for proxy in _found_in(value, torch.fx.Proxy, levels=4)]
+
+
+def _stored_values(root: nn.Module):
+    """(label, value) of every plain attribute of root's modules: what
+    forward may have stored there (self.features = x)."""
+    for name, m in root.named_modules():
+        for attr, value in m.__dict__.items():
+            if attr not in ("_parameters", "_buffers", "_modules"):
+                yield f"the attribute {name + '.' if name else ''}{attr}", value
+
+
+def _mode_settings(modules: List[nn.Module]) -> List[List[bool]]:
+    """Training flags for modules to analyse forward under: as they are now,
+    all in training mode, all in eval mode (without repeats)."""
+    settings = []
+    for flags in ([m.training for m in modules], [True] * len(modules), [False] * len(modules)):
+        if flags not in settings:
+            settings.append(flags)
+    return settings
 
 
 @dataclass
 class _Traced:
     """What one mode setting's traces saw. graphs: (name of the traced
-    module, module, graph, the untraced forward that calls it or "" when
-    every forward calling it was traced). covered: every module some graph
+    module, module, graph). covered: the ids of every module some graph
     would show a call of."""
 
-    graphs: List[Tuple[str, nn.Module, torch.fx.Graph, str]] = field(default_factory=list)
-    covered: Dict[int, str] = field(default_factory=dict)
+    graphs: List[Tuple[str, nn.Module, torch.fx.Graph]] = field(default_factory=list)
+    covered: set = field(default_factory=set)
     untraced: List[Tuple[str, str]] = field(default_factory=list)
     context: Dict[torch.fx.Node, Tuple] = field(default_factory=dict)
     # Other uses of a node than its graph users: a module attribute forward
@@ -323,12 +329,12 @@ def _error_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def _trace(module: nn.Module, name: str, traced: _Traced, called_by_untraced: str, seen: set) -> None:
+def _trace(module: nn.Module, name: str, traced: _Traced, seen: set) -> None:
     """Traces module's forward, each submodule whose forward does not trace
     kept as one opaque call (and traced on its own, recursively). Where
     module's own forward does not trace, its children are traced on their
-    own; code in that forward may then use their submodules unseen, which
-    the graphs record as called_by_untraced."""
+    own (code in that forward may then use their submodules unseen: see
+    _unseen_callers_reason)."""
     if id(module) in seen:
         return
     seen.add(id(module))
@@ -345,37 +351,31 @@ def _trace(module: nn.Module, name: str, traced: _Traced, called_by_untraced: st
             failed = tracer.failed_in
             if failed is None or failed is module or id(failed) in opaque:
                 traced.untraced.append((name, _error_line(error)))
-                inner = name or "the model"
                 for child_name, child in module.named_children():
                     if child._modules and not isinstance(child, (_FusedBatchNorm, FusedBatchNormSlot)):
-                        _trace(child, f"{name}.{child_name}" if name else child_name, traced, inner, seen)
+                        _trace(child, f"{name}.{child_name}" if name else child_name, traced, seen)
                 return
             opaque[id(failed)] = failed
-    traced.graphs.append((name, module, graph, called_by_untraced))
+    traced.graphs.append((name, module, graph))
     for node in graph.nodes:
         if node.op == "get_attr":
             owner_name = node.target.rpartition(".")[0]
             owner = module.get_submodule(owner_name) if owner_name else module
             traced.read_directly.setdefault(id(owner), node.target)
     inside_opaque = {id(sub) for m in opaque.values() for sub in m.modules() if sub is not m}
-    for sub in module.modules():
-        if id(sub) not in inside_opaque:
-            traced.covered.setdefault(id(sub), name)
+    traced.covered.update(id(sub) for sub in module.modules() if id(sub) not in inside_opaque)
     names = {id(m): n for n, m in module.named_modules()}
     for m in opaque.values():
         full = f"{name}.{names[id(m)]}" if name else names[id(m)]
-        _trace(m, full, traced, "", seen)
+        _trace(m, full, traced, seen)
 
 
 def _record_stored_proxies(root: nn.Module, traced: _Traced) -> None:
     """Values forward stored on a module (self.features = x) are uses fx's
     graph does not show; fuse restores the attributes afterwards."""
-    for name, m in root.named_modules():
-        for attr, value in m.__dict__.items():
-            if attr in ("_parameters", "_buffers", "_modules"):
-                continue
-            for node in _nodes_in(value):
-                traced.observed.setdefault(node, f"the attribute {name + '.' if name else ''}{attr}")
+    for label, value in _stored_values(root):
+        for node in _nodes_in(value):
+            traced.observed.setdefault(node, label)
 
 
 @contextlib.contextmanager
@@ -413,17 +413,13 @@ def _trace_in_modes(model: nn.Module) -> List[_Traced]:
     """Traces with every module in training mode, in eval mode, and in the
     modes they have now; restores every module's flag afterwards."""
     modules = list(model.modules())
-    now = [m.training for m in modules]
-    settings = [now, [True] * len(modules), [False] * len(modules)]
     results = []
-    with _model_state_restored(model):
-        for i, flags in enumerate(settings):
-            if flags in settings[:i]:
-                continue
+    with _model_state_restored(model):  # the flags too
+        for flags in _mode_settings(modules):
             for m, flag in zip(modules, flags):
                 m.training = flag
             traced = _Traced()
-            _trace(model, "", traced, "", set())
+            _trace(model, "", traced, set())
             results.append(traced)
     return results
 
@@ -445,7 +441,7 @@ def _find_candidates(traced_modes: List[_Traced]) -> Tuple[List[_Candidate], Lis
     for traced in traced_modes:
         calls: Dict[int, List[torch.fx.Node]] = defaultdict(list)
         owner: Dict[torch.fx.Node, nn.Module] = {}
-        for block, root, graph, _ in traced.graphs:
+        for block, root, graph in traced.graphs:
             for node in graph.nodes:
                 if node.op == "call_module":
                     module = root.get_submodule(node.target)
@@ -526,9 +522,8 @@ def _module_reason(layer: nn.Module, bn: nn.Module) -> Optional[str]:
             return f"the layer is a {type(layer).__name__}; fuse converts nn.Conv2d -> nn.BatchNorm2d and nn.Linear -> nn.BatchNorm1d"
         return f"{type(layer).__name__} -> {type(bn).__name__} is not a pair fuse converts"
     for what, m in (("layer", layer), ("batch norm", bn)):
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                      "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                      "_load_state_dict_post_hooks"):
+        for hooks in _HOOK_DICTS + ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                                    "_load_state_dict_post_hooks"):
             if getattr(m, hooks, None):
                 return f"the {what} has {hooks.strip('_').replace('_', ' ')} (they would no longer run)"
     for what, m, standard in (("layer", layer, {"weight", "bias"}),
@@ -588,21 +583,11 @@ class _UseRecorder(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.inside_leaf and getattr(func, "__name__", "") not in _METADATA_READS:
-            for t in _tensors_in((args, kwargs)):
+            for t in _found_in((args, kwargs), Tensor):
                 call = self.outputs.get(id(t))
                 if call is not None and call.output is t:
                     call.uses.append(getattr(func, "__name__", str(func)))
         return func(*args, **kwargs)
-
-
-def _tensors_in(value) -> List[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors_in(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors_in(v)]
-    return []
 
 
 def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[int, int], Tuple[nn.Module, nn.Module, Optional[str]]], List[Tuple[str, str]]]:
@@ -615,11 +600,7 @@ def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[i
     verdicts: Dict[Tuple[int, int], Tuple[nn.Module, nn.Module, Optional[str]]] = {}
     failures = []
     originals = [m for _, m in model.named_modules(remove_duplicate=False)]
-    now = [m.training for m in originals]
-    settings = [now, [True] * len(originals), [False] * len(originals)]
-    for i, flags in enumerate(settings):
-        if flags in settings[:i]:
-            continue
+    for i, flags in enumerate(_mode_settings(originals)):
         copied = copy.deepcopy(model)
         copies = [m for _, m in copied.named_modules(remove_duplicate=False)]
         original_of = {id(c): o for c, o in zip(copies, originals)}
@@ -632,7 +613,7 @@ def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[i
 
         def pre_hook(module, args, kwargs):
             is_leaf = not module._modules
-            for t in _tensors_in((args, kwargs)):
+            for t in _found_in((args, kwargs), Tensor):
                 call = outputs.get(id(t))
                 if call is not None and call.output is t:
                     sole = len(args) == 1 and not kwargs and args[0] is t
@@ -663,16 +644,15 @@ def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[i
         except Exception as error:
             failures.append((f"run {'in the current modes' if i == 0 else ('in training mode' if flags[0] else 'in eval mode')}", _error_line(error)))
             continue
-        for t in _tensors_in(result):
+        for t in _found_in(result, Tensor):
             call = outputs.get(id(t))
             if call is not None and call.output is t:
                 call.uses.append("the model's output")
-        for name, m in copied.named_modules():  # stored by forward: self.features = x
-            for attr, value in m.__dict__.items():
-                for t in _tensors_in(value) if attr not in ("_parameters", "_buffers", "_modules") else []:
-                    call = outputs.get(id(t))
-                    if call is not None and call.output is t:
-                        call.uses.append(f"the attribute {name + '.' if name else ''}{attr}")
+        for label, value in _stored_values(copied):
+            for t in _found_in(value, Tensor):
+                call = outputs.get(id(t))
+                if call is not None and call.output is t:
+                    call.uses.append(label)
         edges = {(id(c.layer), id(bn)): (c.layer, bn) for calls in layer_calls.values() for c in calls for bn in c.bn_calls}
         for key, (layer, bn) in edges.items():
             reason = None
@@ -705,22 +685,7 @@ def _registrations(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str
 
 def _adopt(layer: nn.Module, bn: nn.Module, memory_efficient: bool) -> _FusedBatchNorm:
     """The fused module for (layer, bn), holding their very tensors."""
-    fused_type = _FUSED_TYPE[(type(layer), type(bn))]
-    if fused_type is ConvBN2d:
-        fused = ConvBN2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, bn.eps,
-            bn.momentum, bn.affine, bn.track_running_stats, memory_efficient, device="meta",
-        )
-    else:
-        fused = LinearBN1d(
-            layer.in_features, layer.out_features, layer.bias is not None, bn.eps, bn.momentum,
-            bn.affine, bn.track_running_stats, memory_efficient, device="meta",
-        )
-    fused.weight, fused.bias = layer.weight, layer.bias
-    for name, attr in _BN_STATE.items():
-        setattr(fused, attr, getattr(bn, name))
-    fused.train(bn.training)
+    fused = _FUSED_TYPE[(type(layer), type(bn))]._holding(layer, bn, memory_efficient, _share_tensor)
     fused._bn_state_in_slot = True
     return fused
 
@@ -730,7 +695,7 @@ def _parameter_order_reason(layer: nn.Module, bn: nn.Module, order: Dict[int, in
     model.parameters() keeps its order (which optimizer state_dicts and
     parameters_to_vector rely on) only when that is already the order."""
     ids = [order[id(p)] for p in (layer.weight, layer.bias, bn.weight, bn.bias) if p is not None]
-    if ids != list(range(ids[0], ids[0] + len(ids))) if ids else False:
+    if ids and ids != list(range(ids[0], ids[0] + len(ids))):
         return ("the batch norm's parameters do not directly follow the layer's in model.parameters(); "
                 "fusing would reorder them (optimizer state_dicts and parameters_to_vector depend on the order)")
     return None
@@ -822,7 +787,8 @@ def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False,
             reason = "global module hooks are registered (nn.modules.module.register_module_forward_hook...)"
         if reason is None:
             reason = _parameter_order_reason(c.layer, c.bn, order)
-        if reason is None and (c.block is None or _unseen_callers_reason(c, places, untraced)):
+        unseen = None if reason is not None or c.block is None else _unseen_callers_reason(c, places, untraced)
+        if reason is None and (c.block is None or unseen):
             # Graphs do not show every use: the example runs decide.
             verdict = verdicts.get((id(c.layer), id(c.bn)))
             if verdict is not None and run_failures:
@@ -831,7 +797,7 @@ def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False,
                 reason = verdict[2]
                 c.block = None
             else:
-                reason = _unseen_callers_reason(c, places, untraced)
+                reason = unseen
                 if example_inputs is None:
                     reason += "; pass example_inputs=(x,) to decide by running the model"
         if reason is not None:
@@ -867,7 +833,7 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     for fused in list({id(m): m for m in model.modules() if isinstance(m, _FusedBatchNorm)}.values()):
         if id(fused) not in places:  # the model itself
             continue
-        layer, bn = _split(fused)
+        layer, bn = fused._split(_share_tensor)  # the very tensors, in fused's mode
         mine = slots.get(id(fused), [])
         if mine:
             _set_everywhere(places[id(fused)], layer)
@@ -876,22 +842,3 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
         else:
             _set_everywhere(places[id(fused)], nn.Sequential(layer, bn))
     return model
-
-
-def _split(fused: _FusedBatchNorm) -> Tuple[nn.Module, nn.Module]:
-    """(layer, batch norm) holding fused's very tensors, in its mode."""
-    if isinstance(fused, ConvBN2d):
-        layer = nn.Conv2d(fused.in_channels, fused.out_channels, fused.kernel_size, fused.stride, fused.padding,
-                          fused.dilation, fused.groups, fused.bias is not None, fused.padding_mode, device="meta")
-        bn = nn.BatchNorm2d(fused.out_channels, fused.eps, fused.momentum, fused.affine,
-                            fused.track_running_stats, device="meta")
-    else:
-        layer = nn.Linear(fused.in_features, fused.out_features, fused.bias is not None, device="meta")
-        bn = nn.BatchNorm1d(fused.out_features, fused.eps, fused.momentum, fused.affine,
-                            fused.track_running_stats, device="meta")
-    layer.weight, layer.bias = fused.weight, fused.bias
-    for name, attr in _BN_STATE.items():
-        setattr(bn, name, getattr(fused, attr))
-    layer.train(fused.training)
-    bn.train(fused.training)
-    return layer, bn

@@ -11,8 +11,20 @@ from torch import Tensor, nn
 from .functional import _conv_bn_prepared, _is_fx_tracing, _linear_bn_prepared, _pair, check_momentum, same_padding
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-# The fused modules' batch norm attributes (parameters and buffers).
+# The fused modules' batch norm attributes (parameters and buffers), and
+# nn.BatchNorm's name for each.
 _BN_ATTRIBUTES = ("bn_weight", "bn_bias", "running_mean", "running_var", "num_batches_tracked")
+_BATCH_NORM_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def default_num_batches_tracked(state_dict, prefix: str, local_metadata, tracked: Optional[Tensor]) -> None:
+    """nn.BatchNorm's loading rule: state dicts older than version 2 (or
+    without version metadata) may lack num_batches_tracked; they load with
+    the current count (0 on the meta device)."""
+    version = local_metadata.get("version", None)
+    key = prefix + "num_batches_tracked"
+    if (version is None or version < 2) and tracked is not None and key not in state_dict:
+        state_dict[key] = tracked if tracked.device.type != "meta" else torch.tensor(0, dtype=torch.long)
 
 
 class _FusedBatchNorm(nn.Module):
@@ -83,6 +95,10 @@ class _FusedBatchNorm(nn.Module):
             if fan_in != 0:
                 bound = 1 / math.sqrt(fan_in)
                 nn.init.uniform_(self.bias, -bound, bound)
+        self._reset_batch_norm()
+
+    def _reset_batch_norm(self) -> None:
+        """nn.BatchNorm.reset_parameters on the batch norm's part."""
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.bn_weight)
@@ -105,11 +121,7 @@ class _FusedBatchNorm(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
-        version = local_metadata.get("version", None)
-        tracked = self.num_batches_tracked
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and tracked is not None and key not in state_dict:
-            state_dict[key] = tracked if tracked.device.type != "meta" else torch.tensor(0, dtype=torch.long)
+        default_num_batches_tracked(state_dict, prefix, local_metadata, self.num_batches_tracked)
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -122,20 +134,16 @@ class _FusedBatchNorm(nn.Module):
         return (f", eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, memory_efficient={self.memory_efficient}")
 
-    def _copy_batch_norm_from(self, bn: nn.Module) -> None:
-        self.bn_weight = _copy_parameter(bn.weight)
-        self.bn_bias = _copy_parameter(bn.bias)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            buffer = getattr(bn, name)
-            setattr(self, name, None if buffer is None else buffer.detach().clone())
+    def _take_batch_norm_from(self, bn: nn.Module, take) -> None:
+        """bn's parameters and statistics, through take (_copy_tensor, or
+        _share_tensor for convbn.fuse), and its train/eval mode."""
+        for name, attr in zip(_BATCH_NORM_NAMES, _BN_ATTRIBUTES):
+            setattr(self, attr, take(getattr(bn, name)))
         self.train(bn.training)
 
-    def _copy_batch_norm_to(self, bn: nn.Module) -> None:
-        bn.weight = _copy_parameter(self.bn_weight)
-        bn.bias = _copy_parameter(self.bn_bias)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            buffer = getattr(self, name)
-            setattr(bn, name, None if buffer is None else buffer.detach().clone())
+    def _give_batch_norm_to(self, bn: nn.Module, take) -> None:
+        for name, attr in zip(_BATCH_NORM_NAMES, _BN_ATTRIBUTES):
+            setattr(bn, name, take(getattr(self, attr)))
         bn.train(self.training)
 
 
@@ -303,20 +311,27 @@ class ConvBN2d(_FusedBatchNorm):
                 f"convbn: the conv has {conv.out_channels} output channels but the batch norm has "
                 f"num_features={bn.num_features}"
             )
+        return cls._holding(conv, bn, memory_efficient, _copy_tensor)
+
+    @classmethod
+    def _holding(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, memory_efficient: bool, take) -> "ConvBN2d":
+        """The module for (conv, bn), holding take(tensor) of each of theirs."""
         fused = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
             conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, bn.eps,
             bn.momentum, bn.affine, bn.track_running_stats, memory_efficient,
             device="meta",
         )
-        fused.weight = _copy_parameter(conv.weight)
-        fused.bias = _copy_parameter(conv.bias)
-        fused._copy_batch_norm_from(bn)
+        fused.weight, fused.bias = take(conv.weight), take(conv.bias)
+        fused._take_batch_norm_from(bn, take)
         return fused
 
     def to_modules(self) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:
         """(nn.Conv2d, nn.BatchNorm2d) holding copies of this module's
         parameters, buffers and hyper-parameters, in its train/eval mode."""
+        return self._split(_copy_tensor)
+
+    def _split(self, take) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
             self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta",
@@ -325,10 +340,9 @@ class ConvBN2d(_FusedBatchNorm):
             self.out_channels, self.eps, self.momentum, self.affine, self.track_running_stats,
             device="meta",
         )
-        conv.weight = _copy_parameter(self.weight)
-        conv.bias = _copy_parameter(self.bias)
+        conv.weight, conv.bias = take(self.weight), take(self.bias)
         conv.train(self.training)
-        self._copy_batch_norm_to(bn)
+        self._give_batch_norm_to(bn, take)
         return conv, bn
 
 
@@ -449,31 +463,45 @@ class LinearBN1d(_FusedBatchNorm):
                 f"convbn: the linear layer has {linear.out_features} output features but the batch norm "
                 f"has num_features={bn.num_features}"
             )
+        return cls._holding(linear, bn, memory_efficient, _copy_tensor)
+
+    @classmethod
+    def _holding(cls, linear: nn.Linear, bn: nn.BatchNorm1d, memory_efficient: bool, take) -> "LinearBN1d":
+        """The module for (linear, bn), holding take(tensor) of each of theirs."""
         fused = cls(
             linear.in_features, linear.out_features, linear.bias is not None, bn.eps, bn.momentum,
             bn.affine, bn.track_running_stats, memory_efficient, device="meta",
         )
-        fused.weight = _copy_parameter(linear.weight)
-        fused.bias = _copy_parameter(linear.bias)
-        fused._copy_batch_norm_from(bn)
+        fused.weight, fused.bias = take(linear.weight), take(linear.bias)
+        fused._take_batch_norm_from(bn, take)
         return fused
 
     def to_modules(self) -> Tuple[nn.Linear, nn.BatchNorm1d]:
         """(nn.Linear, nn.BatchNorm1d) holding copies of this module's
         parameters, buffers and hyper-parameters, in its train/eval mode."""
+        return self._split(_copy_tensor)
+
+    def _split(self, take) -> Tuple[nn.Linear, nn.BatchNorm1d]:
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
         bn = nn.BatchNorm1d(
             self.out_features, self.eps, self.momentum, self.affine, self.track_running_stats,
             device="meta",
         )
-        linear.weight = _copy_parameter(self.weight)
-        linear.bias = _copy_parameter(self.bias)
+        linear.weight, linear.bias = take(self.weight), take(self.bias)
         linear.train(self.training)
-        self._copy_batch_norm_to(bn)
+        self._give_batch_norm_to(bn, take)
         return linear, bn
 
 
-def _copy_parameter(p: Optional[nn.Parameter]) -> Optional[nn.Parameter]:
-    if p is None:
+def _copy_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A copy of a parameter (still a Parameter, same requires_grad) or buffer."""
+    if t is None:
         return None
-    return nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+    return t.detach().clone()
+
+
+def _share_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The tensor itself: convbn.fuse moves tensors between modules."""
+    return t
