@@ -18,8 +18,19 @@ import os
 import subprocess
 import sys
 
-import torch
-from setuptools import find_packages, setup
+from setuptools import setup
+
+try:
+    import torch
+except ImportError:
+    # pip's build isolation (`pip install .`) builds in a fresh environment
+    # without the installed torch; pulling a second torch into it would
+    # compile against a torch that is not the one convbn runs with.
+    sys.exit(
+        "convbn: building convbn needs the torch it will run with, and this build environment has none: "
+        "install torch (if it is not installed), then build with `pip install --no-build-isolation .` "
+        "(pip's default build isolation hides the installed torch)."
+    )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # sm_80 (A100) and sm_90 (H100/H200) machine code, and compute_90 PTX that
@@ -91,6 +102,7 @@ def want_cuda(cuda_sources):
 
 
 def extensions():
+    """(whether the build compiles CUDA, [the extension])."""
     rel = lambda pattern: sorted(
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)
     )
@@ -101,37 +113,64 @@ def extensions():
         key=lambda p: p.endswith("_avx2.cpp"),
     )
     cuda_sources = rel("cuda/*.cu")
-    cxx_flags = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    # -g0 after Python's own CFLAGS (which carry -g): a release library
+    # without debug information, a third of the size.
+    cxx_flags = ["-O3", "-g0", "-DPy_LIMITED_API=0x03090000"]
+    link_flags = ["-Wl,--strip-debug"]
     if want_cuda(cuda_sources):
         choose_cuda_arch_list()
-        return [
+        return True, [
             CUDAExtension(
                 "convbn._C",
                 sources + cuda_sources,
                 include_dirs=[os.path.join(ROOT, "csrc")],
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-Xcompiler", "-g0"]},
+                extra_link_args=link_flags,
                 py_limited_api=True,
             )
         ]
-    return [
+    return False, [
         CppExtension(
             "convbn._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
             py_limited_api=True,
         )
     ]
 
 
+def public_version(version):
+    """torch's version without its local label: 2.13.0 for 2.13.0+cpu or
+    2.13.0+cu130, which `torch==2.13.0` accepts whichever is installed."""
+    return version.split("+")[0]
+
+
+def write_build_info(with_cuda):
+    """python/convbn/_build_info.py: the torch (and CUDA) this build is
+    compiled against, which `import convbn` compares with the running torch
+    before loading the library (a mismatch would be an undefined-symbol
+    crash). Not in git: each build writes its own."""
+    cuda = torch.version.cuda if with_cuda else None
+    with open(os.path.join(ROOT, "python", "convbn", "_build_info.py"), "w") as f:
+        f.write(
+            '"""Written by setup.py: what this build of convbn was compiled against."""\n\n'
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"CUDA_VERSION = {cuda!r}\n"
+        )
+
+
+with_cuda, ext_modules = extensions()
+write_build_info(with_cuda)
+
+
+# The metadata is in pyproject.toml; what depends on the build is here.
 setup(
-    name="convbn",
-    version="0.1.0",
-    description="Conv2d + BatchNorm2d as one PyTorch operator, forward and backward",
-    package_dir={"": "python"},
-    packages=find_packages("python"),
-    ext_modules=extensions(),
-    install_requires=["torch>=2.6", "tqdm"],
+    ext_modules=ext_modules,
+    # The library's binary works only with the torch it was compiled
+    # against: the wheel requires exactly that version.
+    install_requires=[f"torch=={public_version(torch.__version__)}", "tqdm"],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -232,4 +232,18 @@ at::Tensor linear_bn_eval(
     const at::Tensor& running_var,
     double eps);
 
+// What this library was built with, one `key=value` per line:
+//   torch=2.13.0                 the LibTorch it was compiled against
+//   cpu_kernels=default,avx2     the CPU kernel builds it holds
+//   cpu_kernels_used=avx2        the one this process runs (see
+//                                CONVBN_CPU_CAPABILITY in README.md)
+//   cuda=13.0                    CUDA runtime it was compiled with (builds
+//   cuda_architectures=80,90     with CUDA only: nvcc's __CUDA_ARCH_LIST__)
+std::string build_info();
+
 } // namespace convbn
+
+// The same text, for callers without C++ linkage (Python reads it through
+// ctypes before running any operator). The string lives as long as the
+// library.
+extern "C" const char* convbn_build_info();

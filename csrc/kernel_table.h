@@ -94,6 +94,9 @@ namespace cpu {
 const KernelTable& default_kernels();
 // nullptr where this build or this processor has no AVX2 + FMA.
 const KernelTable* avx2_kernels();
+// Whether this build compiled the AVX2 + FMA kernels (x86-64 with GCC or
+// Clang), whatever this processor has.
+extern const bool avx2_kernels_built;
 
 // AVX2 where the processor has it, else the portable build. The environment
 // variable CONVBN_CPU_CAPABILITY=default forces the portable kernels (read

@@ -36,8 +36,13 @@
 #include <array>
 #include <atomic>
 #include <limits>
+#include <string>
 
 namespace convbn {
+namespace detail {
+// csrc/build_info.cpp: this build's CUDA lines of convbn::build_info().
+extern const char* cuda_build_info;
+} // namespace detail
 namespace cuda {
 namespace {
 
@@ -432,5 +437,25 @@ const KernelTable& kernels() {
   return table;
 }
 
+namespace {
+
+#define CONVBN_STRINGIFY(...) #__VA_ARGS__
+#define CONVBN_EXPAND_STRINGIFY(...) CONVBN_STRINGIFY(__VA_ARGS__)
+#ifdef __CUDA_ARCH_LIST__ // nvcc >= 11.5: the architectures of this file, e.g. 800,900
+#define CONVBN_CUDA_ARCHITECTURES CONVBN_EXPAND_STRINGIFY(__CUDA_ARCH_LIST__)
+#else
+#define CONVBN_CUDA_ARCHITECTURES "unknown"
+#endif
+
+// This build's CUDA lines of convbn::build_info() (csrc/build_info.cpp).
+const std::string cuda_build_info = "cuda=" + std::to_string(CUDART_VERSION / 1000) + "." +
+    std::to_string(CUDART_VERSION % 1000 / 10) + "\ncuda_architectures=" CONVBN_CUDA_ARCHITECTURES "\n";
+[[maybe_unused]] const bool cuda_build_info_registered = (detail::cuda_build_info = cuda_build_info.c_str(), true);
+
+#undef CONVBN_CUDA_ARCHITECTURES
+#undef CONVBN_EXPAND_STRINGIFY
+#undef CONVBN_STRINGIFY
+
+} // namespace
 } // namespace cuda
 } // namespace convbn

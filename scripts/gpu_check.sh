@@ -318,10 +318,14 @@ if has_stage cpu; then
   log=$RESULTS/cpu.log
   if command -v cmake >/dev/null; then
     prefix=$("$PY" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
-    # The C++ library with the CPU operators, and the deployment programs
-    # that tests/test_torchscript.py and test_export.py run (no GoogleTest).
+    # The C++ library with the CPU operators, installed as a CMake package,
+    # and the deployment programs built against it, which
+    # tests/test_torchscript.py and test_export.py run (no GoogleTest).
     run_step "${CMAKE_TIMEOUT:-300}" "$log" bash -c "cmake -S . -B build -DCONVBN_BUILD_TESTS=OFF \
-      -DCMAKE_PREFIX_PATH='$prefix' && cmake --build build -j $MAX_JOBS"
+      -DCMAKE_PREFIX_PATH='$prefix' && cmake --build build -j $MAX_JOBS \
+      && cmake --install build --prefix build/install \
+      && cmake -S examples/cpp -B build/examples/cpp -DCMAKE_PREFIX_PATH='$PWD/build/install;$prefix' \
+      && cmake --build build/examples/cpp -j $MAX_JOBS"
     report "cpu: cmake build" "$STEP_STATUS" "$STEP_SECS" "libconvbn.so, examples/cpp"
     [ -x build/examples/cpp/convbn_jit_infer ] && export CONVBN_BUILD_DIR="$PWD/build"
   else

@@ -32,6 +32,10 @@ def run_cpp_program(name, model, shape, out, *options):
     linked = linked_libraries(program)
     assert "libconvbn.so" in linked, linked
     assert not any(lib.startswith(("libpython", "libtorch_python")) for lib in linked), linked
+    # scripts/build.sh builds the programs against the installed CMake
+    # package (find_package(convbn)): they run its library, not the build's.
+    installed = Path(os.environ.get("CONVBN_BUILD_DIR") or ROOT / "build") / "install" / "lib" / "libconvbn.so"
+    assert Path(linked["libconvbn.so"]).resolve() == installed.resolve(), linked["libconvbn.so"]
     command = [str(program), str(model), *map(str, shape), "--save", str(out), *options]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
@@ -41,6 +45,12 @@ def run_cpp_program(name, model, shape, out, *options):
 
 
 def linked_libraries(path):
-    """The shared libraries ldd reports for path."""
+    """{name: the file it resolves to} for the shared libraries ldd reports
+    for path (the name itself where ldd gives no file)."""
     listing = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in listing.splitlines() if line.strip()]
+    linked = {}
+    for line in listing.splitlines():
+        words = line.split()
+        if words:
+            linked[words[0]] = words[2] if len(words) > 2 and words[1] == "=>" else words[0]
+    return linked

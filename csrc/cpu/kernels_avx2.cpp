@@ -29,6 +29,8 @@
 namespace convbn {
 namespace cpu {
 
+const bool avx2_kernels_built = true;
+
 const KernelTable* avx2_kernels() {
   static const bool supported = __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -44,6 +46,8 @@ const KernelTable* avx2_kernels() {
 
 namespace convbn {
 namespace cpu {
+
+const bool avx2_kernels_built = false;
 
 const KernelTable* avx2_kernels() {
   return nullptr;

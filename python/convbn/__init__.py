@@ -16,21 +16,24 @@ BatchNorm1d, each as one PyTorch operator.
     convbn.recalibrate(model, batches)          exact population statistics
     convbn.models                               ResNet-18/50 and d2l's LeNet-BN
     convbn.utils.saved_tensor_bytes(fn)         bytes kept for backward
+    convbn.build_info(), convbn.__version__     what this build was compiled with
 """
 
 from . import _library
 
-_library.load()
+_library.load()  # after checking the build's torch against the running one
 
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
+from . import _onnx  # noqa: E402,F401  (registers the TorchScript-based ONNX exporter's symbolics)
 from . import functional, models, utils  # noqa: E402
 from .distributed import SyncConvBN2d, SyncLinearBN1d, convert_sync_batchnorm  # noqa: E402
 from .fuse import FusedBatchNormSlot, FuseReport, fuse, unfuse  # noqa: E402
 from .modules import ConvBN2d, LinearBN1d  # noqa: E402
 from .recalibrate import recalibrate  # noqa: E402
+from ._library import build_info  # noqa: E402
 
 __all__ = [
-    "ConvBN2d", "FuseReport", "FusedBatchNormSlot", "LinearBN1d", "SyncConvBN2d", "SyncLinearBN1d", "convert_sync_batchnorm", "functional",
+    "ConvBN2d", "build_info", "FuseReport", "FusedBatchNormSlot", "LinearBN1d", "SyncConvBN2d", "SyncLinearBN1d", "convert_sync_batchnorm", "functional",
     "fuse", "models", "recalibrate", "unfuse", "utils",
 ]
 __version__ = "0.1.0"

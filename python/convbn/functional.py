@@ -12,6 +12,10 @@ try:  # torch >= 2.9 tells symbolic tracing apart from torch.export
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 except ImportError:
     from torch.fx._symbolic_trace import is_fx_tracing
+try:  # what torch.onnx.is_in_onnx_export reads for the dynamo-based exporter
+    from torch.onnx._internal.exporter import _flags as _onnx_exporter_flags
+except ImportError:
+    _onnx_exporter_flags = None
 
 
 def _pair(value: Union[int, Tuple[int, int]], name: str) -> List[int]:
@@ -165,12 +169,28 @@ def _conv_bn_prepared(
         _refuse_functorch_differentiation()
     if not training:
         mean, var = _eval_statistics(running_mean, running_var)
+        if not torch.jit.is_scripting() and _is_in_dynamo_onnx_export():
+            # nn's pair: that exporter folds its BatchNormalization into the
+            # Conv at any size, but leaves the decomposed fold of
+            # conv_bn_eval as a Mul on weights over its optimizer's constant
+            # folding limit (8192 elements).
+            return F.batch_norm(
+                F.conv2d(input, weight, bias, stride, padding, dilation, groups), mean, var, bn_weight, bn_bias,
+                False, 0.0, eps)
         return torch.ops.convbn.conv_bn_eval(
             input, weight, bias, bn_weight, bn_bias, mean, var,
             stride, padding, dilation, groups, eps,
         )
 
     _check_statistics(running_mean, running_var, num_batches_tracked, momentum)
+    if not torch.jit.is_scripting() and _is_in_onnx_export():
+        # The training operators have no ONNX form: batch statistics alone
+        # export as nn's pair computes them; updates and synchronization
+        # cannot be exported.
+        _refuse_onnx_export_of_updates("ConvBN2d", "conv_bn", running_mean, group_name)
+        return F.batch_norm(
+            F.conv2d(input, weight, bias, stride, padding, dilation, groups), None, None, bn_weight, bn_bias,
+            True, 0.0, eps)
     if group_name is None and _is_empty_batch(input):
         # nn's pair on an empty batch: an empty output, zero gradients, the
         # running statistics as they were, num_batches_tracked counted.
@@ -244,10 +264,16 @@ def _linear_bn_prepared(
         _refuse_functorch_differentiation()
     if not training:
         mean, var = _eval_statistics(running_mean, running_var)
+        if not torch.jit.is_scripting() and _is_in_dynamo_onnx_export():
+            # nn's pair, which that exporter folds into one Gemm (see _conv_bn_prepared).
+            return F.batch_norm(F.linear(input, weight, bias), mean, var, bn_weight, bn_bias, False, 0.0, eps)
         return torch.ops.convbn.linear_bn_eval(
             input, weight, bias, bn_weight, bn_bias, mean, var, eps,
         )
     _check_statistics(running_mean, running_var, num_batches_tracked, momentum)
+    if not torch.jit.is_scripting() and _is_in_onnx_export():
+        _refuse_onnx_export_of_updates("LinearBN1d", "linear_bn", running_mean, group_name)
+        return F.batch_norm(F.linear(input, weight, bias), None, None, bn_weight, bn_bias, True, 0.0, eps)
     if group_name is None and _is_empty_batch(input):
         return _empty_batch(F.linear(input, weight, bias), running_mean, running_var, num_batches_tracked,
                             bn_weight, bn_bias, eps)
@@ -265,6 +291,48 @@ def _linear_bn_prepared(
         running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum, count,
     )
     return output
+
+
+@torch.jit.unused
+def _is_in_onnx_export() -> bool:
+    """Whether torch.onnx.export is running, with either exporter."""
+    return torch.onnx.is_in_onnx_export() or _is_in_dynamo_onnx_export()
+
+
+@torch.jit.unused
+def _is_in_dynamo_onnx_export() -> bool:
+    """Whether the dynamo-based torch.onnx.export (torch.export underneath)
+    is running. It reads the flag torch.onnx.is_in_onnx_export() reads:
+    where that exporter falls back to torch.export(strict=True), Dynamo
+    answers is_in_onnx_export() with a constant False (so that torch.compile
+    never takes an export path), and the flag still tells the truth."""
+    return bool(getattr(_onnx_exporter_flags, "_is_onnx_exporting", False))
+
+
+@torch.jit.unused
+def _refuse_onnx_export_of_updates(
+    layer: str, function: str, running_mean: Optional[Tensor], group_name: Optional[str] = None,
+) -> None:
+    """Under torch.onnx.export: batch statistics without running statistics
+    export as nn's pair computes them, but updating running statistics
+    (training mode) or synchronizing statistics over a process group cannot
+    be written as an ONNX graph. Say what to do, rather than let the
+    exporter fail on the training operator."""
+    if running_mean is None and group_name is None:
+        return
+    raise RuntimeError(onnx_training_mode_message(layer, function))
+
+
+def onnx_training_mode_message(layer: str, function: str) -> str:
+    """The error for a training-mode ONNX export of layer (ConvBN2d, ...),
+    whose functional form is convbn.functional.<function>."""
+    return (
+        f"convbn: cannot export {layer} to ONNX in training mode: training normalizes with the "
+        "batch statistics and updates the running statistics in place, which an ONNX graph cannot "
+        "do. Call model.eval() before torch.onnx.export; the eval graph folds the batch norm into "
+        f"the {'convolution' if function == 'conv_bn' else 'linear layer'}. (convbn.functional.{function}: "
+        "pass training=False with the running statistics.)"
+    )
 
 
 def _is_empty_batch(input: Tensor) -> bool:

@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import _conv_bn_prepared, _is_fx_tracing, _linear_bn_prepared, _pair, check_momentum, same_padding
+from .functional import (
+    _conv_bn_prepared, _is_fx_tracing, _is_in_onnx_export, _linear_bn_prepared, _pair, _refuse_onnx_export_of_updates,
+    check_momentum, same_padding,
+)
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # The fused modules' batch norm attributes (parameters and buffers), and
@@ -418,7 +421,10 @@ class LinearBN1d(_FusedBatchNorm):
         if self._bn_state_in_slot and not fx_tracing and input.dim() == 3:
             # Only a LinearBN1d made by fuse gets here (see _checked_input):
             # nn.BatchNorm1d on (N, C, L) normalizes over N and L, the
-            # operators over N; compute the pair as nn does.
+            # operators over N; compute the pair as nn does. (It would export
+            # its running-statistics update as nothing: refuse, as the 2-D path does.)
+            if not torch.jit.is_scripting() and _is_in_onnx_export():
+                _refuse_onnx_export_of_updates("LinearBN1d", "linear_bn", running_mean if use_batch_stats else None)
             output = F.batch_norm(
                 F.linear(input, self.weight, self.bias), running_mean, running_var, self.bn_weight,
                 self.bn_bias, use_batch_stats, self._batch_norm_momentum(num_batches_tracked), self.eps,

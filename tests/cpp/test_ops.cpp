@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <torch/version.h>
 
 namespace {
 
@@ -148,3 +149,13 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 } // namespace
+
+// build_info() names the LibTorch this library was compiled against (the
+// one this test links) and the CPU kernel builds it holds, one per line.
+TEST(ConvBN, BuildInfoNamesTorchAndKernels) {
+  const std::string info = convbn::build_info();
+  EXPECT_NE(info.find("torch=" TORCH_VERSION "\n"), std::string::npos) << info;
+  EXPECT_NE(info.find("cpu_kernels=default"), std::string::npos) << info;
+  EXPECT_NE(info.find("cpu_kernels_used="), std::string::npos) << info;
+  EXPECT_EQ(info, std::string(convbn_build_info()));
+}

@@ -1,0 +1,147 @@
+"""ONNX export of convbn's operators.
+
+The default, dynamo-based exporter (torch.onnx.export(..., dynamo=True))
+needs nothing registered: under it convbn's layers compute as nn's pair
+(F.conv2d or F.linear, then F.batch_norm; see functional._conv_bn_prepared),
+which the exporter folds into one Conv (Gemm) with the folded weight and
+bias, and a training-mode layer raises the error saying to call .eval().
+(Its decompositions would expand the CompositeImplicitAutograd eval
+operators too, but its optimizer leaves their fold as a Mul before the Conv
+on weights over 8192 elements.)
+
+The TorchScript-based exporter (dynamo=False) records convbn's operators as
+they are and needs a symbolic for each; those registered here write the fold
+as ONNX ops on the operator's inputs. With the exporter's defaults
+(training=TrainingMode.EVAL, do_constant_folding=True) the inputs are
+initializers and the fold is folded: one Conv (Gemm for linear_bn_eval) with
+the folded weight and bias, in the standard domain. The training operators'
+symbolics raise the error saying to call .eval(): a scripted model
+(torch.jit.script) reaches them without running convbn's Python, which
+raises it for a traced one.
+
+Importing this module imports torch.onnx, not the onnx package."""
+
+from typing import Optional
+
+import torch
+import torch.onnx
+from torch import _C
+
+from .functional import onnx_training_mode_message
+
+try:
+    from torch.onnx import register_custom_op_symbolic, symbolic_helper
+
+    parse_args = symbolic_helper.parse_args
+except ImportError:  # a torch without the TorchScript-based exporter: nothing to register
+    register_custom_op_symbolic = None
+
+    def parse_args(*descriptors):
+        return lambda symbolic: symbolic
+
+# The symbolics are registered for this opset and up: the exporter takes the
+# newest registration at or below the opset it exports to. Everything they
+# write (Conv, Gemm, Reshape with a shape input, Cast, Sqrt, Div) exists in
+# opset 7, the exporter's minimum (its default is 20); it constant-folds
+# from opset 9 on, so below that the fold stays in the graph.
+_FIRST_OPSET = 7
+
+
+def _dtype(value: _C.Value) -> Optional[torch.dtype]:
+    """The dtype the exporter recorded for value, if it recorded one."""
+    value_type = value.type()
+    return value_type.dtype() if isinstance(value_type, _C.TensorType) else None
+
+
+def _fold(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: float):
+    """ONNX ops computing fold_conv_bn as the C++ kernel does: in float32
+    (float64 when the weight or the running variance is float64), cast back
+    to the weight's dtype.
+        W' = W * bn_weight / sqrt(running_var + eps)     per output channel
+        b' = (bias - running_mean) * bn_weight / sqrt(running_var + eps) + bn_bias
+    Returns (W', b') as graph values."""
+    weight_dtype = _dtype(weight) or torch.float32
+    fold_dtype = torch.float64 if torch.float64 in (weight_dtype, _dtype(running_var)) else torch.float32
+    onnx_fold_type = _onnx_type(fold_dtype)
+
+    def in_fold_dtype(value):
+        return g.op("Cast", value, to_i=onnx_fold_type)
+
+    def present(value) -> bool:
+        return value is not None and not value.node().mustBeNone()
+
+    # Div, not Reciprocal: the exporter's constant folding evaluates Div and
+    # leaves Reciprocal in the graph.
+    eps_constant = g.op("Constant", value_t=torch.tensor(eps, dtype=fold_dtype))
+    one = g.op("Constant", value_t=torch.tensor(1.0, dtype=fold_dtype))
+    scale = g.op("Div", one, g.op("Sqrt", g.op("Add", in_fold_dtype(running_var), eps_constant)))
+    if present(bn_weight):
+        scale = g.op("Mul", scale, in_fold_dtype(bn_weight))
+    centered_bias = g.op("Neg", in_fold_dtype(running_mean))
+    if present(bias):
+        centered_bias = g.op("Sub", in_fold_dtype(bias), in_fold_dtype(running_mean))
+    folded_bias = g.op("Mul", centered_bias, scale)
+    if present(bn_bias):
+        folded_bias = g.op("Add", folded_bias, in_fold_dtype(bn_bias))
+
+    # scale as (C, 1, 1, 1) for a conv weight, (C, 1) for a linear one.
+    weight_rank = weight.type().dim() if isinstance(weight.type(), _C.TensorType) else None
+    per_output_channel = [-1] + [1] * ((weight_rank or 4) - 1)
+    scale_shape = g.op("Constant", value_t=torch.tensor(per_output_channel, dtype=torch.int64))
+    folded_weight = g.op("Mul", in_fold_dtype(weight), g.op("Reshape", scale, scale_shape))
+    onnx_weight_type = _onnx_type(weight_dtype)
+    return g.op("Cast", folded_weight, to_i=onnx_weight_type), g.op("Cast", folded_bias, to_i=onnx_weight_type)
+
+
+def _onnx_type(dtype: torch.dtype) -> int:
+    return torch.onnx.JitScalarType.from_dtype(dtype).onnx_type()
+
+
+@parse_args("v", "v", "v", "v", "v", "v", "f")
+def fold_conv_bn_symbolic(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    return _fold(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+
+
+@parse_args("v", "v", "v", "v", "v", "v", "v", "is", "is", "is", "i", "f")
+def conv_bn_eval_symbolic(g, input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                          stride, padding, dilation, groups, eps):
+    folded_weight, folded_bias = _fold(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    attributes = {"strides_i": stride, "pads_i": padding + padding, "dilations_i": dilation, "group_i": groups}
+    weight_sizes = weight.type().sizes() if isinstance(weight.type(), _C.TensorType) else None
+    if weight_sizes is not None:
+        attributes["kernel_shape_i"] = weight_sizes[2:]
+    return g.op("Conv", input, folded_weight, folded_bias, **attributes)
+
+
+@parse_args("v", "v", "v", "v", "v", "v", "v", "f")
+def linear_bn_eval_symbolic(g, input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    folded_weight, folded_bias = _fold(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    # input is (N, in_features), as the operator requires.
+    return g.op("Gemm", input, folded_weight, folded_bias, transB_i=1)
+
+
+def _training_symbolic(layer: str, function: str):
+    def refuse(g, *args):
+        raise RuntimeError(onnx_training_mode_message(layer, function))
+
+    return refuse
+
+
+def register() -> None:
+    """Registers the TorchScript-based exporter's symbolics for convbn's
+    operators. Does nothing where torch has no such exporter any more."""
+    if register_custom_op_symbolic is None:
+        return
+    register_custom_op_symbolic("convbn::fold_conv_bn", fold_conv_bn_symbolic, _FIRST_OPSET)
+    register_custom_op_symbolic("convbn::conv_bn_eval", conv_bn_eval_symbolic, _FIRST_OPSET)
+    register_custom_op_symbolic("convbn::linear_bn_eval", linear_bn_eval_symbolic, _FIRST_OPSET)
+    # A scripted model records the training operators without running
+    # convbn's Python, which raises this error for a traced one.
+    for op, layer, function in (
+        ("conv_bn_train", "ConvBN2d", "conv_bn"), ("sync_conv_bn_train", "SyncConvBN2d", "conv_bn"),
+        ("linear_bn_train", "LinearBN1d", "linear_bn"), ("sync_linear_bn_train", "SyncLinearBN1d", "linear_bn"),
+    ):
+        register_custom_op_symbolic(f"convbn::{op}", _training_symbolic(layer, function), _FIRST_OPSET)
+
+
+register()
