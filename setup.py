@@ -18,7 +18,14 @@ import os
 import subprocess
 import sys
 
+import setuptools
 from setuptools import setup
+
+if int(setuptools.__version__.split(".")[0]) < 64:
+    # pyproject.toml asks for setuptools>=64, but --no-build-isolation
+    # builds with whatever is installed.
+    sys.exit(f"convbn: building needs setuptools >= 64 (this is {setuptools.__version__}): "
+             "pip install -U 'setuptools>=64', then build again.")
 
 try:
     import torch
@@ -147,30 +154,42 @@ def public_version(version):
     return version.split("+")[0]
 
 
-def write_build_info(with_cuda):
-    """python/convbn/_build_info.py: the torch (and CUDA) this build is
-    compiled against, which `import convbn` compares with the running torch
-    before loading the library (a mismatch would be an undefined-symbol
-    crash). Not in git: each build writes its own."""
-    cuda = torch.version.cuda if with_cuda else None
-    with open(os.path.join(ROOT, "python", "convbn", "_build_info.py"), "w") as f:
-        f.write(
-            '"""Written by setup.py: what this build of convbn was compiled against."""\n\n'
-            f"TORCH_VERSION = {torch.__version__!r}\n"
-            f"CUDA_VERSION = {cuda!r}\n"
-        )
+def build_info_source(with_cuda):
+    """The text of convbn/_build_info.py: what this build is compiled
+    against, which `import convbn` compares with the running torch before
+    loading the library (a mismatch would be an undefined-symbol crash, or
+    worse)."""
+    return (
+        '"""Written by setup.py next to the library it built: what that library was compiled against."""\n\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_GIT_VERSION = {getattr(torch.version, 'git_version', None)!r}\n"
+        f"CXX11_ABI = {bool(torch._C._GLIBCXX_USE_CXX11_ABI)!r}\n"
+        f"CUDA_VERSION = {(torch.version.cuda if with_cuda else None)!r}\n"
+    )
 
 
-with_cuda, ext_modules = extensions()
-write_build_info(with_cuda)
+class BuildExtensionRecordingTorch(BuildExtension):
+    """torch's BuildExtension, which also writes _build_info.py beside each
+    library it builds: into the package for in-place (editable) builds, into
+    the build directory for wheels and --build-lib, never into a source tree
+    it did not build for."""
 
+    def run(self):
+        super().run()
+        for ext in self.extensions:
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_build_info.py")
+            with open(path, "w") as f:
+                f.write(build_info_source(WITH_CUDA))
+
+
+WITH_CUDA, EXT_MODULES = extensions()
 
 # The metadata is in pyproject.toml; what depends on the build is here.
 setup(
-    ext_modules=ext_modules,
+    ext_modules=EXT_MODULES,
     # The library's binary works only with the torch it was compiled
     # against: the wheel requires exactly that version.
     install_requires=[f"torch=={public_version(torch.__version__)}", "tqdm"],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtensionRecordingTorch},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -238,7 +238,7 @@ at::Tensor linear_bn_eval(
 //   cpu_kernels_used=avx2        the one this process runs (see
 //                                CONVBN_CPU_CAPABILITY in README.md)
 //   cuda=13.0                    CUDA runtime it was compiled with (builds
-//   cuda_architectures=80,90     with CUDA only: nvcc's __CUDA_ARCH_LIST__)
+//   cuda_architectures=800,900   with CUDA only: nvcc's __CUDA_ARCH_LIST__)
 std::string build_info();
 
 } // namespace convbn

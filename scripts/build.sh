@@ -9,7 +9,8 @@ JOBS=${MAX_JOBS:-$(nproc)}
 export MAX_JOBS=$JOBS
 "$PY" -m pip install -q --no-build-isolation -e .
 TORCH_PREFIX=$("$PY" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
-cmake -S . -B build -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" >/dev/null
+# lib/, not lib64/ where a distribution defaults to it: the tests look there.
+cmake -S . -B build -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DCMAKE_INSTALL_LIBDIR=lib >/dev/null
 cmake --build build -j "$JOBS"
 # The CMake package, installed as a C++ user would, and the deployment
 # programs (examples/cpp) built against it with find_package(convbn).

@@ -95,7 +95,9 @@ step "loading it with torch $TORCH_FULL and checking the operators"
 stage=$BUILD/package
 rm -rf "$stage" && mkdir -p "$stage/convbn"
 cp python/convbn/*.py "$stage/convbn/"
-cp "$library" "$stage/convbn/"
+# The library and the _build_info.py setup.py wrote beside it (the tree's,
+# if any, describes another build).
+cp "$library" "$(dirname "$library")/_build_info.py" "$stage/convbn/"
 PYTHONPATH=$stage "$PY" -c 'import convbn' || fail "import convbn failed with the built library"
 coverage=0
 PYTHONPATH=$stage "$PY" scripts/check_cuda_ops.py | tee "$BUILD/ops.txt" || coverage=1

@@ -208,7 +208,7 @@ build_library() {
   touch "$log"
   if [ "${GPU_CHECK_REBUILD:-0}" != 1 ] && fits=$(convbn_prebuilt_fits "$PY" 2>&1); then
     rm -f python/convbn/_C*.so
-    cp "$CONVBN_PREBUILT_DIR"/_C*.so python/convbn/
+    cp "$CONVBN_PREBUILT_DIR"/_C*.so "$CONVBN_PREBUILT_DIR"/_build_info.py python/convbn/
     echo "== prebuilt library: $fits" >> "$log"
     report "build" "ok" 0 "prebuilt library: $fits"
   elif [ "${GPU_CHECK_REBUILD:-0}" != 1 ] && [ ! -f "$CONVBN_PREBUILT_DIR/BUILD_INFO" ] &&
@@ -237,7 +237,7 @@ build_library() {
   # results, to be carried as prebuilt/.
   if [ "${GPU_CHECK_KEEP_LIBRARY:-0}" = 1 ] && [ -f "$CONVBN_PREBUILT_DIR/BUILD_INFO" ]; then
     mkdir -p "$RESULTS/prebuilt"
-    cp "$CONVBN_PREBUILT_DIR"/_C*.so "$CONVBN_PREBUILT_DIR/BUILD_INFO" "$RESULTS/prebuilt/"
+    cp "$CONVBN_PREBUILT_DIR"/_C*.so "$CONVBN_PREBUILT_DIR/_build_info.py" "$CONVBN_PREBUILT_DIR/BUILD_INFO" "$RESULTS/prebuilt/"
     say "library kept in $RESULTS/prebuilt/ (carry it as prebuilt/)"
   fi
 }

@@ -3,6 +3,8 @@
 # Sourced; run from the repository root.
 #
 #   prebuilt/_C.abi3.so   convbn's op library, with CUDA kernels
+#   prebuilt/_build_info.py  what setup.py wrote beside it: the torch it was
+#                         built against, which import convbn checks
 #   prebuilt/BUILD_INFO   key=value lines: torch (torch.__version__), torch_cuda
 #                         (torch.version.cuda), nvcc, arch_list
 #                         (TORCH_CUDA_ARCH_LIST), sources (convbn_sources_hash),
@@ -22,8 +24,9 @@ convbn_sources_hash() {
 # Prints why not otherwise.
 convbn_prebuilt_fits() {
   local py=$1 info="$CONVBN_PREBUILT_DIR/BUILD_INFO"
-  if ! compgen -G "$CONVBN_PREBUILT_DIR/_C*.so" >/dev/null || [ ! -f "$info" ]; then
-    echo "no prebuilt library ($CONVBN_PREBUILT_DIR/_C*.so and BUILD_INFO)"
+  if ! compgen -G "$CONVBN_PREBUILT_DIR/_C*.so" >/dev/null || [ ! -f "$info" ] ||
+    [ ! -f "$CONVBN_PREBUILT_DIR/_build_info.py" ]; then
+    echo "no prebuilt library ($CONVBN_PREBUILT_DIR/_C*.so, _build_info.py and BUILD_INFO)"
     return 1
   fi
   local sources out rc=0
@@ -70,13 +73,15 @@ EOF
   return "$rc"
 }
 
-# convbn_save_prebuilt PYTHON LIBRARY ARCH_LIST [STRIP]: copies LIBRARY to
-# $CONVBN_PREBUILT_DIR (without debug information if STRIP is "strip") and
-# writes BUILD_INFO for PYTHON's torch, $CUDA_HOME's nvcc and ARCH_LIST.
+# convbn_save_prebuilt PYTHON LIBRARY ARCH_LIST [STRIP]: copies LIBRARY and
+# the _build_info.py beside it to $CONVBN_PREBUILT_DIR (the library without
+# debug information if STRIP is "strip") and writes BUILD_INFO for PYTHON's
+# torch, $CUDA_HOME's nvcc and ARCH_LIST.
 convbn_save_prebuilt() {
   local py=$1 library=$2 arch_list=$3 how=${4:-copy} dest
   mkdir -p "$CONVBN_PREBUILT_DIR"
   rm -f "$CONVBN_PREBUILT_DIR"/_C*.so
+  cp "$(dirname "$library")/_build_info.py" "$CONVBN_PREBUILT_DIR/"
   dest="$CONVBN_PREBUILT_DIR/$(basename "$library")"
   if [ "$how" = strip ] && command -v strip >/dev/null; then
     strip --strip-debug -o "$dest" "$library"

@@ -24,18 +24,24 @@ def cpp_program(name):
     return path
 
 
-def run_cpp_program(name, model, shape, out, *options):
-    """Checks that the program links libconvbn.so and no libpython, runs
-    `name MODEL N C H W --save out [options]` and returns (input, output) as
-    the program saved them."""
+def installed_cpp_program(name):
+    """Path of a program built by scripts/build.sh, after checking that it
+    links the installed CMake package's libconvbn.so (scripts/build.sh
+    builds the programs against it with find_package(convbn), as a C++ user
+    would) and no libpython."""
     program = cpp_program(name)
     linked = linked_libraries(program)
     assert "libconvbn.so" in linked, linked
     assert not any(lib.startswith(("libpython", "libtorch_python")) for lib in linked), linked
-    # scripts/build.sh builds the programs against the installed CMake
-    # package (find_package(convbn)): they run its library, not the build's.
     installed = Path(os.environ.get("CONVBN_BUILD_DIR") or ROOT / "build") / "install" / "lib" / "libconvbn.so"
     assert Path(linked["libconvbn.so"]).resolve() == installed.resolve(), linked["libconvbn.so"]
+    return program
+
+
+def run_cpp_program(name, model, shape, out, *options):
+    """Runs the installed_cpp_program `name MODEL N C H W --save out
+    [options]` and returns (input, output) as the program saved them."""
+    program = installed_cpp_program(name)
     command = [str(program), str(model), *map(str, shape), "--save", str(out), *options]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import convbn
+from cpp_programs import installed_cpp_program
 
 
 @pytest.mark.skipif(shutil.which("ldd") is None, reason="ldd is not available")
@@ -34,7 +35,7 @@ def _public(version):
 
 def test_build_info_says_what_the_library_was_built_with():
     info = convbn.build_info()
-    assert info["version"] == convbn.__version__ == importlib.metadata.version("convbn")
+    assert info["version"] == convbn.__version__
     assert info["torch"] == torch.__version__
     assert "default" in info["cpu_kernels"]
     if platform.machine() == "x86_64":
@@ -59,7 +60,12 @@ def test_build_info_reports_forced_portable_kernels():
 
 
 def test_installed_package_requires_the_torch_it_was_built_against():
-    requirements = importlib.metadata.requires("convbn")
+    try:
+        distribution = importlib.metadata.distribution("convbn")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("convbn is not pip-installed here (PYTHONPATH=python): no package metadata to check")
+    assert distribution.version == convbn.__version__
+    requirements = distribution.requires
     assert f"torch=={_public(torch.__version__)}" in requirements, requirements
 
 
@@ -71,29 +77,44 @@ def test_import_with_another_torch_fails_clearly():
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("ImportError: convbn: this build of convbn was compiled against torch "
-                              f"{torch.__version__}, but torch 2.5.1+cpu is installed"), message
+                              f"{torch.__version__}, but torch 2.5.1+cpu is installed."), message
     assert f"torch=={_public(torch.__version__)}" in message and "--no-build-isolation" in message, message
 
 
+def _torch(version, cuda=None, git_version="abc", cxx11_abi=True):
+    return {"version": version, "git_version": git_version, "cxx11_abi": cxx11_abi, "cuda": cuda}
+
+
 @pytest.mark.parametrize(
-    "built, built_cuda, running, running_cuda, error",
+    "built, running, error",
     [
-        ("2.13.0+cpu", None, "2.13.0+cpu", None, None),
-        ("2.13.0+cpu", None, "2.13.0+cu130", "13.0", None),  # a CPU build runs on a CUDA torch
-        ("2.13.0", None, "2.13.1", None, "compiled against torch 2.13.0, but torch 2.13.1"),
-        ("2.11.0+cu130", "13.0", "2.11.0+cu130", "13.0", None),
-        ("2.11.0+cu130", "13.0", "2.11.0+cpu", None, "with CUDA 13.0, but the installed torch 2.11.0+cpu has no CUDA"),
-        ("2.11.0+cu130", "13.0", "2.11.0+cu128", "12.8", "has CUDA 12.8"),
+        (_torch("2.13.0+cpu"), _torch("2.13.0+cpu"), None),
+        # A CPU build runs on the same release built for a GPU, and back.
+        (_torch("2.13.0+cpu"), _torch("2.13.0+cu130", "13.0"), None),
+        (_torch("2.13.0"), _torch("2.13.0+rocm6.4"), None),
+        (_torch("2.13.0"), _torch("2.13.1"), "compiled against torch 2.13.0, but torch 2.13.1 is installed"),
+        # Source and vendor builds: the local label and git name the build.
+        (_torch("2.13.0a0+git1111111", git_version="1111111"), _torch("2.13.0a0+git2222222", git_version="2222222"),
+         "compiled against torch 2.13.0a0+git1111111, but torch 2.13.0a0+git2222222 is installed"),
+        (_torch("2.6.0a0+ecf3bae40a.nv25.01"), _torch("2.6.0a0+deadbeef.nv25.02"), "but torch 2.6.0a0+deadbeef.nv25.02"),
+        (_torch("2.14.0.dev20261101+cpu", git_version="aaa"), _torch("2.14.0.dev20261101+cpu", git_version="bbb"),
+         "from git aaa, but the installed torch 2.14.0.dev20261101+cpu is from git bbb"),
+        (_torch("2.13.0", git_version="Unknown"), _torch("2.13.0", git_version="bbb"), None),
+        (_torch("2.5.1", cxx11_abi=False), _torch("2.5.1"), "_GLIBCXX_USE_CXX11_ABI=0, but the installed torch 2.5.1 has 1"),
+        (_torch("2.11.0+cu130", "13.0"), _torch("2.11.0+cu130", "13.0"), None),
+        (_torch("2.11.0+cu126", "12.6"), _torch("2.11.0+cu128", "12.8"), None),  # one libcudart.so.12
+        (_torch("2.11.0+cu130", "13.0"), _torch("2.11.0+cpu"), "with CUDA 13.0, but the installed torch 2.11.0+cpu has no CUDA"),
+        (_torch("2.11.0+cu130", "13.0"), _torch("2.11.0+cu128", "12.8"), "has CUDA 12.8"),
     ],
 )
-def test_torch_version_check(built, built_cuda, running, running_cuda, error):
+def test_torch_version_check(built, running, error):
     from convbn._library import check_torch
 
     if error is None:
-        check_torch(built, built_cuda, running, running_cuda)
+        check_torch(built, running)
     else:
         with pytest.raises(ImportError, match=re.escape(error)):
-            check_torch(built, built_cuda, running, running_cuda)
+            check_torch(built, running)
 
 
 def test_build_without_torch_says_what_to_do():
@@ -120,3 +141,16 @@ def test_op_library_has_no_debug_information():
     (library,) = glob.glob(os.path.join(package_dir, "_C*.so"))
     sections = subprocess.run(["readelf", "-S", "-W", library], capture_output=True, text=True, check=True).stdout
     assert ".debug_" not in sections
+
+
+def test_cpp_program_reports_the_installed_librarys_build():
+    """A program built against the installed CMake package (its headers,
+    convbn::convbn) calls convbn::build_info() from the installed library:
+    the same build as the Python package's."""
+    program = installed_cpp_program("convbn_jit_infer")
+    result = subprocess.run([str(program), "--build-info"], capture_output=True, text=True, timeout=60, check=True)
+    lines = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    info = convbn.build_info()
+    assert lines["torch"] == _public(torch.__version__)
+    assert lines["cpu_kernels"].split(",") == info["cpu_kernels"]
+    assert lines["cpu_kernels_used"] == info["cpu_kernels_used"]

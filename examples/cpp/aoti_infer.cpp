@@ -15,7 +15,7 @@
 int main(int argc, char** argv) {
   const auto args = convbn_example::parse_args(
       argc, argv,
-      "MODEL.pt2 N C H W [--dtype float32|float64] [--device DEVICE] [--seed S] [--save FILE]");
+      "MODEL.pt2 N C H W [--dtype float32|float64] [--device DEVICE] [--seed S] [--save FILE]  (or --build-info)");
   const torch::Tensor input = convbn_example::make_input(args);
   std::vector<torch::Tensor> outputs;
   try {

@@ -3,6 +3,7 @@
 // does: load, make an input, run, report.
 #pragma once
 
+#include <convbn.h>  // from the installed package (convbn::convbn)
 #include <torch/torch.h>
 
 #include <cstdlib>
@@ -32,6 +33,10 @@ inline Args parse_args(int argc, char** argv, const char* usage) {
   std::vector<std::string> positional;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--build-info") {  // what the linked convbn was built with
+      std::cout << convbn::build_info();
+      std::exit(0);
+    }
     auto value = [&]() -> std::string {
       if (i + 1 >= argc) {
         fail(arg + " needs a value");

@@ -18,7 +18,7 @@
 int main(int argc, char** argv) {
   const auto args = convbn_example::parse_args(
       argc, argv,
-      "MODEL.pt N C H W [--dtype float32|float64] [--device DEVICE] [--seed S] [--save FILE]");
+      "MODEL.pt N C H W [--dtype float32|float64] [--device DEVICE] [--seed S] [--save FILE]  (or --build-info)");
   torch::jit::script::Module model;
   try {
     model = torch::jit::load(args.model, args.device);

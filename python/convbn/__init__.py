@@ -17,6 +17,7 @@ BatchNorm1d, each as one PyTorch operator.
     convbn.models                               ResNet-18/50 and d2l's LeNet-BN
     convbn.utils.saved_tensor_bytes(fn)         bytes kept for backward
     convbn.build_info(), convbn.__version__     what this build was compiled with
+    convbn.onnx_translation_table()             custom_translation_table for torch.onnx.export of an ExportedProgram
 """
 
 from . import _library
@@ -25,6 +26,7 @@ _library.load()  # after checking the build's torch against the running one
 
 from . import _fake  # noqa: E402,F401  (registers the fake kernels)
 from . import _onnx  # noqa: E402,F401  (registers the TorchScript-based ONNX exporter's symbolics)
+from ._onnx import onnx_translation_table  # noqa: E402
 from . import functional, models, utils  # noqa: E402
 from .distributed import SyncConvBN2d, SyncLinearBN1d, convert_sync_batchnorm  # noqa: E402
 from .fuse import FusedBatchNormSlot, FuseReport, fuse, unfuse  # noqa: E402
@@ -34,6 +36,6 @@ from ._library import build_info  # noqa: E402
 
 __all__ = [
     "ConvBN2d", "build_info", "FuseReport", "FusedBatchNormSlot", "LinearBN1d", "SyncConvBN2d", "SyncLinearBN1d", "convert_sync_batchnorm", "functional",
-    "fuse", "models", "recalibrate", "unfuse", "utils",
+    "fuse", "models", "onnx_translation_table", "recalibrate", "unfuse", "utils",
 ]
 __version__ = "0.1.0"

@@ -1,13 +1,28 @@
 """ONNX export of convbn's operators.
 
 The default, dynamo-based exporter (torch.onnx.export(..., dynamo=True))
-needs nothing registered: under it convbn's layers compute as nn's pair
-(F.conv2d or F.linear, then F.batch_norm; see functional._conv_bn_prepared),
-which the exporter folds into one Conv (Gemm) with the folded weight and
-bias, and a training-mode layer raises the error saying to call .eval().
-(Its decompositions would expand the CompositeImplicitAutograd eval
-operators too, but its optimizer leaves their fold as a Mul before the Conv
-on weights over 8192 elements.)
+needs nothing registered to export a model: under it convbn's layers compute
+as nn's pair (F.conv2d or F.linear, then F.batch_norm; see
+functional._conv_bn_prepared), which the exporter folds into one Conv (Gemm)
+with the folded weight and bias, and a training-mode layer raises the error
+saying to call .eval().
+
+An ExportedProgram (torch.onnx.export(torch.export.export(model), ...))
+holds convbn's operators themselves, recorded without convbn's Python.
+Without translations the exporter decomposes the CompositeImplicitAutograd
+eval operators into the fold computed by ONNX ops, which its optimizer
+leaves as a Mul before the Conv on weights over its constant-folding limit
+(8192 elements), and fails on the training operators with a bare
+ConversionError. onnx_translation_table() returns translations for its
+custom_translation_table argument, the exporter's public way to translate a
+custom operator (torchvision exposes its operators' translations the same
+way; torch has no global registry for them): conv_bn_eval and
+linear_bn_eval become Conv (Gemm) followed by an inference
+BatchNormalization, which the optimizer folds into one Conv (Gemm) with the
+folded weight and bias initializers at any size, as it does nn's pair; the
+training operators raise the error saying to call .eval() before
+torch.export.export. (fold_conv_bn, whose outputs are tensors for any use,
+keeps its decomposition: the fold as ONNX ops, float32 as the kernel.)
 
 The TorchScript-based exporter (dynamo=False) records convbn's operators as
 they are and needs a symbolic for each; those registered here write the fold
@@ -19,9 +34,13 @@ symbolics raise the error saying to call .eval(): a scripted model
 (torch.jit.script) reaches them without running convbn's Python, which
 raises it for a traced one.
 
-Importing this module imports torch.onnx, not the onnx package."""
+Importing this module, or calling onnx_translation_table(), imports
+torch.onnx, not the onnx or onnxscript packages: the translations import
+onnxscript when the exporter calls them."""
 
-from typing import Optional
+from __future__ import annotations  # _C.Value in annotations: gone with the TorchScript-based exporter
+
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.onnx
@@ -120,6 +139,14 @@ def linear_bn_eval_symbolic(g, input, weight, bias, bn_weight, bn_bias, running_
     return g.op("Gemm", input, folded_weight, folded_bias, transB_i=1)
 
 
+# The training operators, the layer each belongs to, and that layer's
+# functional form: none has an ONNX form.
+_TRAINING_OPERATORS = (
+    ("conv_bn_train", "ConvBN2d", "conv_bn"), ("sync_conv_bn_train", "SyncConvBN2d", "conv_bn"),
+    ("linear_bn_train", "LinearBN1d", "linear_bn"), ("sync_linear_bn_train", "SyncLinearBN1d", "linear_bn"),
+)
+
+
 def _training_symbolic(layer: str, function: str):
     def refuse(g, *args):
         raise RuntimeError(onnx_training_mode_message(layer, function))
@@ -137,11 +164,91 @@ def register() -> None:
     register_custom_op_symbolic("convbn::linear_bn_eval", linear_bn_eval_symbolic, _FIRST_OPSET)
     # A scripted model records the training operators without running
     # convbn's Python, which raises this error for a traced one.
-    for op, layer, function in (
-        ("conv_bn_train", "ConvBN2d", "conv_bn"), ("sync_conv_bn_train", "SyncConvBN2d", "conv_bn"),
-        ("linear_bn_train", "LinearBN1d", "linear_bn"), ("sync_linear_bn_train", "SyncLinearBN1d", "linear_bn"),
-    ):
+    for op, layer, function in _TRAINING_OPERATORS:
         register_custom_op_symbolic(f"convbn::{op}", _training_symbolic(layer, function), _FIRST_OPSET)
 
 
 register()
+
+
+# The dynamo-based exporter's translations, for an ExportedProgram. The
+# exporter calls each with the operator's arguments: graph values
+# (onnxscript tensors, None for an absent optional tensor) and Python
+# values for the rest; the onnxscript ops they call record nodes in its graph.
+
+def _onnxscript_opset():
+    import onnxscript  # the exporter needs it already; imported only when it translates
+
+    return onnxscript.opset18
+
+
+def _present(*values):
+    """The ONNX inputs up to the last one given (an optional input left out)."""
+    return [v for v in values if v is not None]
+
+
+def _batch_norm_inference(op, output, weight, bn_weight, bn_bias, running_mean, running_var, eps: float):
+    """BatchNormalization (inference) of the Conv or Gemm output, with
+    nn's defaults for an absent gamma (ones) and beta (zeros), every
+    parameter in the weight's dtype. The exporter's optimizer folds it into
+    the Conv/Gemm when all of them are initializers: the parameters and
+    buffers are, and constant folding makes the defaults initializers too."""
+
+    def per_channel(value, default: float):
+        if value is None:
+            return op.Expand(op.CastLike(op.Constant(value_float=default), weight), op.Shape(running_var))
+        return value if value.dtype == weight.dtype else op.CastLike(value, weight)
+
+    return op.BatchNormalization(
+        output, per_channel(bn_weight, 1.0), per_channel(bn_bias, 0.0), per_channel(running_mean, 0.0),
+        per_channel(running_var, 1.0), epsilon=eps)
+
+
+def conv_bn_eval_translation(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                             stride, padding, dilation, groups, eps):
+    """convbn::conv_bn_eval as Conv then BatchNormalization: one Conv with
+    the folded weight and bias once the exporter has optimized the graph."""
+    op = _onnxscript_opset()
+    output = op.Conv(*_present(input, weight, bias), strides=list(stride), pads=list(padding) * 2,
+                     dilations=list(dilation), group=groups)
+    return _batch_norm_inference(op, output, weight, bn_weight, bn_bias, running_mean, running_var, eps)
+
+
+def linear_bn_eval_translation(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    """convbn::linear_bn_eval (input (N, in_features)) as Gemm then
+    BatchNormalization: one Gemm with the folded weight and bias once the
+    exporter has optimized the graph."""
+    op = _onnxscript_opset()
+    output = op.Gemm(*_present(input, weight, bias), transB=1)
+    return _batch_norm_inference(op, output, weight, bn_weight, bn_bias, running_mean, running_var, eps)
+
+
+def _training_translation(operator: str, layer: str, function: str):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(onnx_training_mode_message(layer, function, exported_operator=f"convbn.{operator}"))
+
+    refuse.__name__ = refuse.__qualname__ = f"{operator}_translation"
+    return refuse
+
+
+def onnx_translation_table() -> Dict[torch._ops.OpOverload, Callable]:
+    """Translations of convbn's operators for the dynamo-based ONNX
+    exporter, for exporting an ExportedProgram that holds them:
+
+        exported = torch.export.export(model.eval(), (x,))
+        torch.onnx.export(exported, f="model.onnx",
+                          custom_translation_table=convbn.onnx_translation_table())
+
+    Each eval layer becomes one Conv (Gemm) with the folded weight and bias
+    initializers; the training operators (a program exported in training
+    mode) raise an error saying to export the model in eval mode. Exporting
+    the model itself (torch.onnx.export(model, ...)) needs no table; passing
+    it there changes nothing."""
+    ops = torch.ops.convbn
+    table: Dict[torch._ops.OpOverload, Callable] = {
+        ops.conv_bn_eval.default: conv_bn_eval_translation,
+        ops.linear_bn_eval.default: linear_bn_eval_translation,
+    }
+    for operator, layer, function in _TRAINING_OPERATORS:
+        table[getattr(ops, operator).default] = _training_translation(operator, layer, function)
+    return table

@@ -16,6 +16,10 @@ try:  # what torch.onnx.is_in_onnx_export reads for the dynamo-based exporter
     from torch.onnx._internal.exporter import _flags as _onnx_exporter_flags
 except ImportError:
     _onnx_exporter_flags = None
+try:  # the fake tensor mode tracing this thread (torch.export's non-strict tracing)
+    from torch._guards import detect_fake_mode as _detect_fake_mode
+except ImportError:
+    _detect_fake_mode = None
 
 
 def _pair(value: Union[int, Tuple[int, int]], name: str) -> List[int]:
@@ -295,18 +299,28 @@ def _linear_bn_prepared(
 
 @torch.jit.unused
 def _is_in_onnx_export() -> bool:
-    """Whether torch.onnx.export is running, with either exporter."""
-    return torch.onnx.is_in_onnx_export() or _is_in_dynamo_onnx_export()
+    """Whether torch.onnx.export is tracing this call, with either exporter.
+    Both exporters' flags are process-global, so each also needs this
+    thread to be tracing: a call in another thread while an export runs
+    (a training step) computes as usual. The TorchScript-based exporter
+    traces with torch.jit.trace, whose state is per thread."""
+    return (torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()) or _is_in_dynamo_onnx_export()
 
 
 @torch.jit.unused
 def _is_in_dynamo_onnx_export() -> bool:
     """Whether the dynamo-based torch.onnx.export (torch.export underneath)
-    is running. It reads the flag torch.onnx.is_in_onnx_export() reads:
-    where that exporter falls back to torch.export(strict=True), Dynamo
-    answers is_in_onnx_export() with a constant False (so that torch.compile
-    never takes an export path), and the flag still tells the truth."""
-    return bool(getattr(_onnx_exporter_flags, "_is_onnx_exporting", False))
+    is tracing this call. It reads the flag torch.onnx.is_in_onnx_export()
+    reads: where that exporter falls back to torch.export(strict=True),
+    Dynamo answers is_in_onnx_export() with a constant False (so that
+    torch.compile never takes an export path), and the flag still tells the
+    truth. The flag is process-global; torch.export traces with Dynamo
+    (strict) or under a fake tensor mode (non-strict), both per thread."""
+    if not getattr(_onnx_exporter_flags, "_is_onnx_exporting", False):
+        return False
+    if torch.compiler.is_dynamo_compiling() or _detect_fake_mode is None:
+        return True
+    return _detect_fake_mode() is not None
 
 
 @torch.jit.unused
@@ -323,15 +337,28 @@ def _refuse_onnx_export_of_updates(
     raise RuntimeError(onnx_training_mode_message(layer, function))
 
 
-def onnx_training_mode_message(layer: str, function: str) -> str:
+def onnx_training_mode_message(layer: str, function: str, exported_operator: Optional[str] = None) -> str:
     """The error for a training-mode ONNX export of layer (ConvBN2d, ...),
-    whose functional form is convbn.functional.<function>."""
-    return (
-        f"convbn: cannot export {layer} to ONNX in training mode: training normalizes with the "
-        "batch statistics and updates the running statistics in place, which an ONNX graph cannot "
-        "do. Call model.eval() before torch.onnx.export; the eval graph folds the batch norm into "
-        f"the {'convolution' if function == 'conv_bn' else 'linear layer'}. (convbn.functional.{function}: "
-        "pass training=False with the running statistics.)"
+    whose functional form is convbn.functional.<function>. exported_operator
+    names the training operator (convbn.conv_bn_train, ...) when what is
+    exported is a torch.export ExportedProgram holding it: the advice is
+    then to export the model again, in eval mode."""
+    folded_into = "convolution" if function == "conv_bn" else "linear layer"
+    reason = (
+        f"convbn: cannot export {layer} to ONNX in training mode: training normalizes with the batch "
+        "statistics and updates the running statistics in place, which an ONNX graph cannot do. "
+    )
+    if exported_operator is None:
+        return reason + (
+            "Call model.eval() before torch.onnx.export; the eval graph folds the batch norm into "
+            f"the {folded_into}. (convbn.functional.{function}: pass training=False with the running statistics.)"
+        )
+    return reason + (
+        f"This ExportedProgram holds {exported_operator}, which torch.export.export records for a layer in "
+        "training mode. Call model.eval() before torch.export.export and export the new program; its eval "
+        f"layers fold the batch norm into the {folded_into}. (A layer with track_running_stats=False records "
+        "it in eval too, for its batch statistics: export the model itself, torch.onnx.export(model, ...), "
+        "which writes them as nn's batch norm does.)"
     )
 
 

@@ -279,6 +279,9 @@ class ConvBN2d(_FusedBatchNorm):
         statistics of the process group group_name when given
         (SyncConvBN2d), else of this process's batch."""
         use_batch_stats, running_mean, running_var, num_batches_tracked = self._statistics()
+        if use_batch_stats and not torch.jit.is_scripting() and _is_in_onnx_export():
+            # _conv_bn_prepared refuses too, but does not know the layer's class (SyncConvBN2d).
+            _refuse_onnx_export_of_updates(type(self).__name__, "conv_bn", running_mean, group_name)
         output = _conv_bn_prepared(
             input, self.weight, self.bias, self.bn_weight, self.bn_bias,
             running_mean, running_var, num_batches_tracked, use_batch_stats, self.momentum, self.eps,
@@ -416,15 +419,17 @@ class LinearBN1d(_FusedBatchNorm):
         statistics of the process group group_name when given
         (SyncLinearBN1d), else of this process's batch."""
         use_batch_stats, running_mean, running_var, num_batches_tracked = self._statistics()
+        if use_batch_stats and not torch.jit.is_scripting() and _is_in_onnx_export():
+            # Updates cannot be exported (the 3-D form below would export
+            # them as nothing). Refused here, naming the layer's class
+            # (SyncLinearBN1d), before _linear_bn_prepared's own refusal.
+            _refuse_onnx_export_of_updates(type(self).__name__, "linear_bn", running_mean, group_name)
         # (torch.fx.symbolic_trace records the 2-D form: a Proxy has no dim.)
         fx_tracing = not torch.jit.is_scripting() and _is_fx_tracing()
         if self._bn_state_in_slot and not fx_tracing and input.dim() == 3:
             # Only a LinearBN1d made by fuse gets here (see _checked_input):
             # nn.BatchNorm1d on (N, C, L) normalizes over N and L, the
-            # operators over N; compute the pair as nn does. (It would export
-            # its running-statistics update as nothing: refuse, as the 2-D path does.)
-            if not torch.jit.is_scripting() and _is_in_onnx_export():
-                _refuse_onnx_export_of_updates("LinearBN1d", "linear_bn", running_mean if use_batch_stats else None)
+            # operators over N; compute the pair as nn does.
             output = F.batch_norm(
                 F.linear(input, self.weight, self.bias), running_mean, running_var, self.bn_weight,
                 self.bn_bias, use_batch_stats, self._batch_norm_momentum(num_batches_tracked), self.eps,
