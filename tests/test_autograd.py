@@ -101,3 +101,62 @@ def test_fold_gradcheck_and_gradgradcheck():
     inputs = (t["weight"], t["bias"], t["bn_weight"], t["bn_bias"])
     assert gradcheck(fn, inputs)
     assert gradgradcheck(fn, inputs)
+
+
+# torch's forward AD loads its decompositions with torch.jit.script: its warning, not convbn's.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_eval_forward_mode_ad_matches_the_pair():
+    """Forward-mode AD (dual tensors) through the eval operators, which
+    their backward node does not implement: the composite is differentiated
+    as written, and the tangent matches nn's pair in float64."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    t = _inputs()
+    running_mean, running_var = torch.randn(6, **D), torch.rand(6, **D) + 0.5
+    x, w, b, g, beta = (t[k].detach() for k in ("input", "weight", "bias", "bn_weight", "bn_bias"))
+    tangents = [torch.randn_like(v) for v in (x, w, g)]
+    with fwAD.dual_level():
+        xd, wd, gd = (fwAD.make_dual(v, dv) for v, dv in zip((x, w, g), tangents))
+        ours = fwAD.unpack_dual(torch.ops.convbn.conv_bn_eval(
+            xd, wd, b, gd, beta, running_mean, running_var, [2, 1], [1, 1], [1, 2], 2, 1e-3)).tangent
+        pair = fwAD.unpack_dual(F.batch_norm(
+            F.conv2d(xd, wd, b, [2, 1], [1, 1], [1, 2], 2), running_mean, running_var, gd, beta, False, 0.0,
+            1e-3)).tangent
+        xl, wl = torch.randn(5, 7, **D), torch.randn(4, 7, **D)
+        dx, dw = torch.randn_like(xl), torch.randn_like(wl)
+        mean4, var4 = torch.randn(4, **D), torch.rand(4, **D) + 0.5
+        xld, wld = fwAD.make_dual(xl, dx), fwAD.make_dual(wl, dw)
+        ours_linear = fwAD.unpack_dual(torch.ops.convbn.linear_bn_eval(
+            xld, wld, None, None, None, mean4, var4, 1e-5)).tangent
+        pair_linear = fwAD.unpack_dual(F.batch_norm(F.linear(xld, wld), mean4, var4, None, None, False, 0.0,
+                                                    1e-5)).tangent
+    assert ours is not None and ours_linear is not None
+    torch.testing.assert_close(ours, pair, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(ours_linear, pair_linear, rtol=1e-9, atol=1e-10)
+
+
+def test_eval_gradcheck_through_every_input():
+    """The eval operators' backward node against finite differences for
+    every tensor input, the running statistics included (the node chains
+    the gradients through the fold itself), to second order."""
+    t = _inputs()
+    running_mean = torch.randn(6, **D).requires_grad_()
+    running_var = (torch.rand(6, **D) + 0.5).requires_grad_()
+
+    def conv(x, w, b, g, beta, mean, var):
+        return torch.ops.convbn.conv_bn_eval(x, w, b, g, beta, mean, var, [2, 1], [1, 1], [1, 2], 2, 1e-3)
+    inputs = (t["input"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"], running_mean, running_var)
+    assert gradcheck(conv, inputs)
+    assert gradgradcheck(conv, inputs)
+
+    x, w = torch.randn(5, 7, **D, requires_grad=True), torch.randn(4, 7, **D, requires_grad=True)
+    b, g, beta, mean = (torch.randn(4, **D, requires_grad=True) for _ in range(4))
+    var = (torch.rand(4, **D) + 0.5).requires_grad_()
+
+    def linear(x, w, b, g, beta, mean, var):
+        return torch.ops.convbn.linear_bn_eval(x, w, b, g, beta, mean, var, 1e-5)
+    assert gradcheck(linear, (x, w, b, g, beta, mean, var))
+    assert gradgradcheck(linear, (x, w, b, g, beta, mean, var))
+    # Without the optional tensors (no conv bias, no affine).
+    assert gradcheck(lambda x, w, mean, var: linear(x, w, None, None, None, mean, var), (x, w, mean, var))

@@ -3,10 +3,14 @@
 //   W' = W * gamma / sqrt(running_var + eps)           (per output channel)
 //   b' = (b - running_mean) * gamma / sqrt(running_var + eps) + beta
 // then one convolution (or one matmul). Written with ATen ops and registered as
-// CompositeImplicitAutograd: autograd differentiates the fold and the conv
-// (to any order), the conv goes to cuDNN/oneDNN, and fake tensors need no
-// kernel of their own. The fold is computed in float32 (float64 for float64
+// CompositeImplicitAutograd: the conv goes to cuDNN/oneDNN, fake tensors need
+// no kernel of their own and torch.export decomposes the eval operators into
+// the fold and one aten.convolution. On CPU and CUDA the eval operators have
+// autograd kernels of their own (autograd/eval_autograd.cpp); fold_conv_bn
+// is differentiated as written, to any order. The fold is computed in float32 (float64 for float64
 // data) and only its results are cast to the weight's dtype.
+#include "fold_and_eval.h"
+
 #include "../checks.h"
 #include "../conv_bn_common.h"
 #include "../convbn.h"
@@ -79,6 +83,8 @@ std::tuple<at::Tensor, at::Tensor> fold_conv_bn_composite(
   return {folded_weight, folded_bias.to(weight.dtype())};
 }
 
+} // namespace
+
 at::Tensor conv_bn_eval_composite(
     const at::Tensor& input,
     const at::Tensor& weight,
@@ -120,8 +126,6 @@ at::Tensor linear_bn_eval_composite(
       weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
   return at::linear(input, folded_weight, folded_bias);
 }
-
-} // namespace
 
 TORCH_LIBRARY_IMPL(convbn, CompositeImplicitAutograd, m) {
   m.impl("fold_conv_bn", &fold_conv_bn_composite);

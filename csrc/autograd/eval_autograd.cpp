@@ -1,0 +1,447 @@
+// Autograd for conv_bn_eval and linear_bn_eval: batch norm frozen at its
+// running statistics while the weights train (a backbone fine-tuned with the
+// model in eval mode, as detection and segmentation models are; Inductor's
+// and mmcv's "efficient_conv_bn_eval").
+//
+// The operators are CompositeImplicitAutograd (the fold, then one conv or
+// matmul), and differentiated as such the conv's node would keep the folded
+// weight: a second copy of every weight, kept until backward. This node
+// keeps only what the operator was given (input, weights and per-channel
+// vectors) and folds again in backward, a per-channel scale that costs
+// little next to the conv. Below autograd the operators still run their
+// composite kernel, so fake tensors, torch.export and run_decompositions
+// see the fold and one aten.convolution as before.
+//
+// The backward is written with differentiable ATen ops (convolution_backward
+// has a derivative of its own), so it is differentiable in turn: double
+// backward works without a node of its own. Forward-mode AD, which the node
+// does not implement, differentiates the composite as written.
+#include "../checks.h"
+#include "../composite/fold_and_eval.h"
+#include "../conv_bn_common.h"
+#include "../convbn.h"
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <initializer_list>
+#include <vector>
+
+namespace convbn {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::Variable;
+using torch::autograd::variable_list;
+
+// Which of (input, weight, bias, bn_weight, bn_bias, running_mean,
+// running_var) need a gradient. needs_input_grad counts only the tensors
+// that were passed: an absent optional has no edge.
+std::array<bool, 7> eval_input_mask(
+    AutogradContext* ctx,
+    bool has_bias,
+    bool has_bn_weight,
+    bool has_bn_bias) {
+  const std::array<bool, 7> passed = {
+      true, true, has_bias, has_bn_weight, has_bn_bias, true, true};
+  std::array<bool, 7> mask{};
+  size_t edge = 0;
+  for (size_t i = 0; i < passed.size(); ++i) {
+    if (passed[i]) {
+      mask[i] = ctx->needs_input_grad(edge++);
+    }
+  }
+  return mask;
+}
+
+enum EvalInput { kInput, kWeight, kBias, kBnWeight, kBnBias, kMean, kVar };
+
+// Saves what the backward refolds from: input, weight, bias, bn_weight,
+// running_mean, running_var (bn_bias only shifts the folded bias, so only
+// its presence is kept).
+void save_eval_inputs(
+    AutogradContext* ctx,
+    const Variable& input,
+    const Variable& weight,
+    const std::optional<Variable>& bias,
+    const std::optional<Variable>& bn_weight,
+    const std::optional<Variable>& bn_bias,
+    const Variable& running_mean,
+    const Variable& running_var,
+    double eps) {
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["has_bn_bias"] = present(bn_bias);
+  if (present(bn_bias)) {
+    ctx->saved_data["bn_bias_dtype"] =
+        static_cast<int64_t>(bn_bias->scalar_type());
+  }
+  ctx->save_for_backward(
+      {input, weight, bias.value_or(Variable()), bn_weight.value_or(Variable()),
+       running_mean, running_var});
+}
+
+std::optional<at::ScalarType> saved_bn_bias_dtype(AutogradContext* ctx) {
+  if (!ctx->saved_data["has_bn_bias"].toBool()) {
+    return std::nullopt;
+  }
+  return static_cast<at::ScalarType>(ctx->saved_data["bn_bias_dtype"].toInt());
+}
+
+// The fold of fold_and_eval.cpp (W' = W * s, b' = (b - mean) * s + beta,
+// s = gamma / sqrt(var + eps)), kept in its parts for the chain rule.
+struct Fold {
+  at::ScalarType dtype;   // float32, or float64 for float64 data
+  at::Tensor inv_std;     // 1 / sqrt(running_var + eps)
+  at::Tensor scale;       // inv_std * bn_weight
+  at::Tensor weight;      // W', in the weight's dtype
+};
+
+std::vector<int64_t> per_output_channel(const at::Tensor& weight) {
+  std::vector<int64_t> shape(weight.dim(), 1);
+  shape[0] = -1;
+  return shape;
+}
+
+Fold refold(
+    const at::Tensor& weight,
+    const at::Tensor& bn_weight,
+    const at::Tensor& running_var,
+    double eps) {
+  Fold fold;
+  fold.dtype = at::promote_types(
+      stats_dtype(weight.scalar_type()), running_var.scalar_type());
+  fold.inv_std = (running_var.to(fold.dtype) + eps).rsqrt();
+  fold.scale = bn_weight.defined() ? fold.inv_std * bn_weight.to(fold.dtype)
+                                   : fold.inv_std;
+  fold.weight = (weight.to(fold.dtype) *
+                 fold.scale.view(per_output_channel(weight)))
+                    .to(weight.scalar_type());
+  return fold;
+}
+
+// The gradients of the operator's inputs other than `input`, from those of
+// the folded weight and bias (each in the fold's dtype, or undefined when
+// not needed).
+variable_list chain_through_fold(
+    const Fold& fold,
+    const std::array<bool, 7>& needs,
+    const at::Tensor& grad_folded_weight,
+    const at::Tensor& grad_folded_bias,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    const at::Tensor& bn_weight,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    std::optional<at::ScalarType> bn_bias_dtype) {
+  variable_list grads(7);
+  const auto shape = per_output_channel(weight);
+  if (needs[kWeight]) {
+    grads[kWeight] = (grad_folded_weight * fold.scale.view(shape))
+                         .to(weight.scalar_type());
+  }
+  if (needs[kBias]) {
+    grads[kBias] = (grad_folded_bias * fold.scale).to(bias.scalar_type());
+  }
+  if (needs[kBnBias] && bn_bias_dtype.has_value()) {
+    grads[kBnBias] = grad_folded_bias.to(*bn_bias_dtype);
+  }
+  if (needs[kMean]) {
+    grads[kMean] =
+        (-grad_folded_bias * fold.scale).to(running_mean.scalar_type());
+  }
+  if (needs[kBnWeight] || needs[kVar]) {
+    // d/d scale of W' = W * s and b' = (b - mean) * s + beta, per channel.
+    std::vector<int64_t> reduced;
+    for (int64_t d = 1; d < weight.dim(); ++d) {
+      reduced.push_back(d);
+    }
+    const at::Tensor centered_bias = bias.defined()
+        ? bias.to(fold.dtype) - running_mean.to(fold.dtype)
+        : -running_mean.to(fold.dtype);
+    const at::Tensor grad_scale =
+        (grad_folded_weight * weight.to(fold.dtype)).sum(reduced) +
+        grad_folded_bias * centered_bias;
+    if (needs[kBnWeight]) {
+      grads[kBnWeight] =
+          (grad_scale * fold.inv_std).to(bn_weight.scalar_type());
+    }
+    if (needs[kVar]) {
+      // d inv_std / d var = -inv_std^3 / 2.
+      const at::Tensor grad_inv_std = bn_weight.defined()
+          ? grad_scale * bn_weight.to(fold.dtype)
+          : grad_scale;
+      grads[kVar] = (grad_inv_std * fold.inv_std.pow(3) * -0.5)
+                        .to(running_var.scalar_type());
+    }
+  }
+  return grads;
+}
+
+// What a backward starts from: the saved inputs, which of them need a
+// gradient, and the fold recomputed from them.
+struct SavedEval {
+  at::Tensor input, weight, bias, bn_weight, running_mean, running_var;
+  std::array<bool, 7> needs;
+  Fold fold;
+
+  bool needs_folded_weight_grad() const {
+    return needs[kWeight] || needs[kBnWeight] || needs[kVar];
+  }
+  bool needs_folded_bias_grad() const {
+    return needs[kBias] || needs[kBnWeight] || needs[kBnBias] ||
+        needs[kMean] || needs[kVar];
+  }
+};
+
+SavedEval unpack_saved(AutogradContext* ctx) {
+  const auto saved = ctx->get_saved_variables();
+  SavedEval s{saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+              {}, {}};
+  s.needs = eval_input_mask(
+      ctx, s.bias.defined(), s.bn_weight.defined(),
+      ctx->saved_data["has_bn_bias"].toBool());
+  s.fold = refold(
+      s.weight, s.bn_weight, s.running_var,
+      ctx->saved_data["eps"].toDouble());
+  return s;
+}
+
+// grads[weight..running_var] from the folded weight's and bias's gradients.
+void add_chained_grads(
+    AutogradContext* ctx,
+    const SavedEval& s,
+    const at::Tensor& grad_folded_weight,
+    const at::Tensor& grad_folded_bias,
+    variable_list& grads) {
+  const auto chained = chain_through_fold(
+      s.fold, s.needs, grad_folded_weight, grad_folded_bias, s.weight, s.bias,
+      s.bn_weight, s.running_mean, s.running_var, saved_bn_bias_dtype(ctx));
+  for (size_t i = kWeight; i <= kVar; ++i) {
+    grads[i] = chained[i];
+  }
+}
+
+class ConvBNEvalFunction
+    : public torch::autograd::Function<ConvBNEvalFunction> {
+ public:
+  static Variable forward(
+      AutogradContext* ctx,
+      const Variable& input,
+      const Variable& weight,
+      const std::optional<Variable>& bias,
+      const std::optional<Variable>& bn_weight,
+      const std::optional<Variable>& bn_bias,
+      const Variable& running_mean,
+      const Variable& running_var,
+      at::IntArrayRef stride,
+      at::IntArrayRef padding,
+      at::IntArrayRef dilation,
+      int64_t groups,
+      double eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor output = conv_bn_eval(
+        input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+        stride, padding, dilation, groups, eps);
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    save_eval_inputs(
+        ctx, input, weight, bias, bn_weight, bn_bias, running_mean,
+        running_var, eps);
+    return output;
+  }
+
+  static variable_list backward(
+      AutogradContext* ctx,
+      const variable_list& grad_outputs) {
+    constexpr size_t kNumInputs = 12;
+    const at::Tensor& grad_output = grad_outputs[0];
+    variable_list grads(kNumInputs);
+    if (!grad_output.defined()) {
+      return grads;
+    }
+    const SavedEval s = unpack_saved(ctx);
+    const int64_t out_channels = s.weight.size(0);
+    auto [grad_input, grad_folded_weight, grad_folded_bias] =
+        at::convolution_backward(
+            grad_output, s.input, s.fold.weight,
+            at::OptionalIntArrayRef(at::IntArrayRef(out_channels)),
+            ctx->saved_data["stride"].toIntVector(),
+            ctx->saved_data["padding"].toIntVector(),
+            ctx->saved_data["dilation"].toIntVector(), /*transposed=*/false,
+            /*output_padding=*/{0, 0}, ctx->saved_data["groups"].toInt(),
+            {s.needs[kInput], s.needs_folded_weight_grad(),
+             s.needs_folded_bias_grad()});
+    grads[kInput] = grad_input;
+    add_chained_grads(
+        ctx, s,
+        s.needs_folded_weight_grad() ? grad_folded_weight.to(s.fold.dtype)
+                                     : at::Tensor(),
+        s.needs_folded_bias_grad() ? grad_folded_bias.to(s.fold.dtype)
+                                   : at::Tensor(),
+        grads);
+    return grads;
+  }
+};
+
+class LinearBNEvalFunction
+    : public torch::autograd::Function<LinearBNEvalFunction> {
+ public:
+  static Variable forward(
+      AutogradContext* ctx,
+      const Variable& input,
+      const Variable& weight,
+      const std::optional<Variable>& bias,
+      const std::optional<Variable>& bn_weight,
+      const std::optional<Variable>& bn_bias,
+      const Variable& running_mean,
+      const Variable& running_var,
+      double eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor output = linear_bn_eval(
+        input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+        eps);
+    save_eval_inputs(
+        ctx, input, weight, bias, bn_weight, bn_bias, running_mean,
+        running_var, eps);
+    return output;
+  }
+
+  static variable_list backward(
+      AutogradContext* ctx,
+      const variable_list& grad_outputs) {
+    constexpr size_t kNumInputs = 8;
+    const at::Tensor& grad_output = grad_outputs[0];
+    variable_list grads(kNumInputs);
+    if (!grad_output.defined()) {
+      return grads;
+    }
+    const SavedEval s = unpack_saved(ctx);
+    // output = input @ W'^T + b', input (N, in_features).
+    if (s.needs[kInput]) {
+      grads[kInput] = grad_output.mm(s.fold.weight);
+    }
+    add_chained_grads(
+        ctx, s,
+        s.needs_folded_weight_grad()
+            ? grad_output.t().mm(s.input).to(s.fold.dtype)
+            : at::Tensor(),
+        s.needs_folded_bias_grad() ? grad_output.sum(0).to(s.fold.dtype)
+                                   : at::Tensor(),
+        grads);
+    return grads;
+  }
+};
+
+// How an eval operator's call is differentiated.
+enum class EvalAutograd {
+  kNone,       // nothing requires grad: run the kernel, record nothing
+  kNode,       // this file's node, which keeps only the inputs
+  kComposite,  // forward-mode AD (dual tensors, torch.func.jvp), which the
+               // node does not implement: the composite, differentiated as
+               // written
+};
+
+EvalAutograd eval_autograd(std::initializer_list<const at::Tensor*> tensors) {
+  bool requires_grad = false;
+  for (const at::Tensor* t : tensors) {
+    if (t->defined()) {
+      if (t->_fw_grad(/*level=*/0).defined()) {
+        return EvalAutograd::kComposite;
+      }
+      requires_grad = requires_grad || t->requires_grad();
+    }
+  }
+  return requires_grad && at::GradMode::is_enabled() ? EvalAutograd::kNode
+                                                     : EvalAutograd::kNone;
+}
+
+const at::Tensor& or_undefined(const std::optional<at::Tensor>& t) {
+  static const at::Tensor undefined;
+  return t.has_value() ? *t : undefined;
+}
+
+at::Tensor conv_bn_eval_autograd(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    double eps) {
+  switch (eval_autograd(
+      {&input, &weight, &or_undefined(bias), &or_undefined(bn_weight),
+       &or_undefined(bn_bias), &running_mean, &running_var})) {
+    case EvalAutograd::kNone: {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      return conv_bn_eval(
+          input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+          stride, padding, dilation, groups, eps);
+    }
+    case EvalAutograd::kComposite:
+      return conv_bn_eval_composite(
+          input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+          stride, padding, dilation, groups, eps);
+    case EvalAutograd::kNode:
+      break;
+  }
+  return ConvBNEvalFunction::apply(
+      input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+      stride, padding, dilation, groups, eps);
+}
+
+at::Tensor linear_bn_eval_autograd(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    double eps) {
+  switch (eval_autograd(
+      {&input, &weight, &or_undefined(bias), &or_undefined(bn_weight),
+       &or_undefined(bn_bias), &running_mean, &running_var})) {
+    case EvalAutograd::kNone: {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      return linear_bn_eval(
+          input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+          eps);
+    }
+    case EvalAutograd::kComposite:
+      return linear_bn_eval_composite(
+          input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+          eps);
+    case EvalAutograd::kNode:
+      break;
+  }
+  return LinearBNEvalFunction::apply(
+      input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
+}
+
+} // namespace
+
+// At AutogradCPU and AutogradCUDA, not the Autograd alias: for a device
+// without a kernel of its own the dispatcher prefers an operator's
+// CompositeImplicitAutograd kernel to an Autograd alias one, and a CPU or
+// CUDA kernel would keep torch.export's run_decompositions from expanding
+// the operators into the fold and one aten.convolution.
+TORCH_LIBRARY_IMPL(convbn, AutogradCPU, m) {
+  m.impl("conv_bn_eval", &conv_bn_eval_autograd);
+  m.impl("linear_bn_eval", &linear_bn_eval_autograd);
+}
+
+TORCH_LIBRARY_IMPL(convbn, AutogradCUDA, m) {
+  m.impl("conv_bn_eval", &conv_bn_eval_autograd);
+  m.impl("linear_bn_eval", &linear_bn_eval_autograd);
+}
+
+} // namespace convbn
