@@ -239,7 +239,8 @@ void check_batch_statistics_possible(
   for (size_t d = 2; d < output_sizes.size(); ++d) {
     values_per_channel = values_per_channel * output_sizes[d];
   }
-  TORCH_CHECK(
+  // ValueError in Python, as nn.BatchNorm raises it.
+  TORCH_CHECK_VALUE(
       values_per_channel > 1,
       "Expected more than 1 value per channel when training, got input size ",
       input.sym_sizes(), " (the output ", output_sizes, " has ",

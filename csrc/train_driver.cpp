@@ -254,7 +254,8 @@ void check_group_count(
     const at::Tensor& input,
     int64_t count,
     const ProcessGroupRef& group) {
-  TORCH_CHECK(
+  // ValueError in Python, as nn.BatchNorm raises it.
+  TORCH_CHECK_VALUE(
       count > 1,
       "Expected more than 1 value per channel when training, got ", count,
       " over the ", group.size, " processes of the group (this process has "

@@ -37,6 +37,13 @@ def assert_as_accurate_as_pair(actual, pair, expected, dtype, name=""):
     assert err <= bound, f"{name}: error {err:.4g} > {bound:.4g} (the {dtype} pair's error is {pair_err:.4g})"
 
 
+def error_type(message):
+    """The exception nn raises for the error whose message matches
+    `message`: ValueError for too few values per channel in training (as
+    F.batch_norm), RuntimeError for convbn's other argument checks."""
+    return ValueError if "more than 1 value per channel" in message else RuntimeError
+
+
 def randomize_batch_norms(model, bias_std=0.2, mean_std=0.5):
     """model with non-trivial batch norm parameters and statistics (every
     nn.BatchNorm, of any class), so that a mix-up of any two shows."""

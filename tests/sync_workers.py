@@ -272,11 +272,12 @@ def too_few_values(rank, world_size, config):
     x = batch(config, 0, sizes)[rank_slice(sizes, rank)]
     try:
         layer(x)
-        error = None
-    except RuntimeError as e:
-        error = str(e)
+        error, error_type = None, None
+    except (RuntimeError, ValueError) as e:
+        error, error_type = str(e), type(e).__name__
     after = _state(layer)
-    return {"error": error, "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+    return {"error": error, "error_type": error_type,
+            "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
 
 
 def op_checks(rank, world_size, config):

@@ -1,9 +1,15 @@
 """gradcheck/gradgradcheck in float64 for every differentiable input of every
-op, in both memory modes; the backward op's output mask."""
+op, in both memory modes; the backward op's output mask. The eval
+operators' own node (frozen batch norm): forward-mode AD, torch.func,
+tensor subclasses, running statistics updated before its backward."""
+
+import copy
 
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
+
+from convbn import ConvBN2d
 
 D = dict(dtype=torch.float64)
 
@@ -160,3 +166,82 @@ def test_eval_gradcheck_through_every_input():
     assert gradgradcheck(linear, (x, w, b, g, beta, mean, var))
     # Without the optional tensors (no conv bias, no affine).
     assert gradcheck(lambda x, w, mean, var: linear(x, w, None, None, None, mean, var), (x, w, mean, var))
+
+
+class AtenOnlyTensor(torch.Tensor):
+    """A wrapper subclass that, like a quantized or NF4 weight type, handles
+    ATen operators only (__torch_dispatch__ sees what runs below autograd)."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device,
+                                                   requires_grad=inner.requires_grad)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func.namespace != "aten":
+            raise NotImplementedError(f"AtenOnlyTensor: {func} is not an ATen operator")
+        unwrap = lambda t: t.inner if isinstance(t, AtenOnlyTensor) else t  # noqa: E731
+        out = func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+        return torch.utils._pytree.tree_map(lambda t: AtenOnlyTensor(t) if isinstance(t, torch.Tensor) else t, out)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_eval_ops_reach_tensor_subclasses_as_aten_ops(requires_grad):
+    t = _inputs()
+    mean, var = torch.randn(6, **D), torch.rand(6, **D) + 0.5
+    weight = AtenOnlyTensor(t["weight"].detach()).requires_grad_(requires_grad)
+    out = torch.ops.convbn.conv_bn_eval(t["input"].detach(), weight, None, t["bn_weight"].detach(), None, mean,
+                                        var, [1, 1], [1, 1], [1, 1], 2, 1e-5)
+    expected = torch.ops.convbn.conv_bn_eval(t["input"].detach(), t["weight"].detach(), None,
+                                             t["bn_weight"].detach(), None, mean, var, [1, 1], [1, 1], [1, 1], 2, 1e-5)
+    torch.testing.assert_close(out.inner, expected)
+    linear = torch.ops.convbn.linear_bn_eval(torch.randn(3, 5, **D), AtenOnlyTensor(torch.randn(4, 5, **D)), None,
+                                             None, None, torch.zeros(4, **D), torch.ones(4, **D), 1e-5)
+    assert isinstance(linear, AtenOnlyTensor)
+
+
+def test_torch_func_differentiates_the_eval_ops():
+    """torch.func's transforms cannot go through a C++ autograd Function:
+    the eval operators differentiate their composite under them."""
+    t = _inputs()
+    x, w, g = (t[k].detach() for k in ("input", "weight", "bn_weight"))
+    mean, var = torch.randn(6, **D), torch.rand(6, **D) + 0.5
+
+    def loss(w):
+        return torch.ops.convbn.conv_bn_eval(x, w, None, g, None, mean, var, [1, 1], [1, 1], [1, 1], 2, 1e-5).square().sum()
+    w_leaf = w.clone().requires_grad_()
+    expected, = torch.autograd.grad(loss(w_leaf), w_leaf)
+    torch.testing.assert_close(torch.func.grad(loss)(w), expected)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(w.unsqueeze(0).expand(2, -1, -1, -1, -1))[1],
+                               expected)
+
+
+def test_eval_backward_survives_a_later_running_statistics_update():
+    """An eval forward, then a training forward of the same layer (which
+    updates the running statistics in place), then the eval forward's
+    backward: the gradients are those of the statistics the eval forward
+    used (the node keeps what it needs of them, not the buffers)."""
+    torch.manual_seed(0)
+    layer = ConvBN2d(3, 4, 3, padding=1).double()
+    with torch.no_grad():
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 6, 6, **D, requires_grad=True)
+    reference = copy.deepcopy(layer).eval()
+    expected = torch.autograd.grad(reference(x).square().sum(), [x, *reference.parameters()])
+    out = layer.eval()(x)
+    layer.train()(torch.randn(4, 3, 6, 6, **D))  # updates running_mean/var in place
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    for ours, theirs in zip(grads, expected):
+        torch.testing.assert_close(ours, theirs)
+    with torch.inference_mode():  # running statistics made in inference mode
+        frozen = ConvBN2d(3, 4, 3, padding=1).double().eval()
+    for name, p in list(frozen.named_parameters()):  # the parameters train
+        setattr(frozen, name, torch.nn.Parameter(p.clone()))
+    assert frozen.running_var.is_inference()
+    frozen(x).sum().backward()
+    assert frozen.weight.grad is not None

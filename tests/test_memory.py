@@ -76,14 +76,17 @@ def _frozen_batch_norm_pairs(device):
 
 
 def test_frozen_batch_norm_keeps_only_input_and_weights(device):
-    """Eval mode with weights that train: the node keeps the input and the
-    layer's own tensors, not a folded copy of the weight, nor (as the pair
-    does) the conv output."""
+    """Eval mode with weights that train: the node keeps the input, the
+    layer's own tensors and per-channel vectors, not a folded copy of the
+    weight, nor (as the pair does) the conv output."""
     for fused, pair, x in _frozen_batch_norm_pairs(device):
         x.requires_grad_()
         out, saved = saved_tensors(fused, x)
         own = {t.untyped_storage().data_ptr() for t in [x, *fused.parameters(), *fused.buffers()]}
-        extra = [t for t in saved if t.untyped_storage().data_ptr() not in own]
+        channels = fused.running_mean.numel()
+        # Beyond its own tensors, per-channel vectors only (what it needs of
+        # the running statistics).
+        extra = [t for t in saved if t.untyped_storage().data_ptr() not in own and t.shape != (channels,)]
         assert not extra, [tuple(t.shape) for t in extra]
         pair_out, pair_saved = saved_tensors(pair, x)
         assert nbytes(pair_saved) > nbytes(saved) + out.numel() * out.element_size() // 2

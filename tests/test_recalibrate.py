@@ -113,7 +113,7 @@ def test_failure_restores_statistics_and_settings():
     layer.eval()
     # A batch of one 1x1 image has one value per channel: training refuses it.
     batches = [torch.randn(4, 2, 1, 1, dtype=F64), torch.randn(1, 2, 1, 1, dtype=F64)]
-    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
         convbn.recalibrate(layer, batches, progress=False)
     assert layer.running_mean.eq(0.5).all() and layer.running_var.eq(1).all()
     assert layer.num_batches_tracked.item() == 4 and layer.momentum == 0.1 and not layer.training

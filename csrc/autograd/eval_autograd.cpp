@@ -8,9 +8,10 @@
 // weight: a second copy of every weight, kept until backward. This node
 // keeps only what the operator was given (input, weights and per-channel
 // vectors) and folds again in backward, a per-channel scale that costs
-// little next to the conv. Below autograd the operators still run their
-// composite kernel, so fake tensors, torch.export and run_decompositions
-// see the fold and one aten.convolution as before.
+// little next to the conv. Its forward runs the composite's ATen ops, and
+// the operators keep their CompositeImplicitAutograd kernel for every other
+// key, so tensor subclasses, fake tensors, torch.export and
+// run_decompositions see the fold and one aten.convolution as before.
 //
 // The backward is written with differentiable ATen ops (convolution_backward
 // has a derivative of its own), so it is differentiable in turn: double
@@ -22,6 +23,7 @@
 #include "../convbn.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -58,9 +60,19 @@ std::array<bool, 7> eval_input_mask(
 
 enum EvalInput { kInput, kWeight, kBias, kBnWeight, kBnBias, kMean, kVar };
 
-// Saves what the backward refolds from: input, weight, bias, bn_weight,
-// running_mean, running_var (bn_bias only shifts the folded bias, so only
-// its presence is kept).
+// The dtype the fold computes in: float32, or float64 for float64 data or
+// statistics (fold_and_eval.cpp's).
+at::ScalarType fold_dtype(const at::Tensor& weight, const at::Tensor& running_var) {
+  return at::promote_types(
+      stats_dtype(weight.scalar_type()), running_var.scalar_type());
+}
+
+// Saves what the backward refolds from: input, weight, bias, bn_weight and
+// the running statistics (bn_bias only shifts the folded bias, so only its
+// presence is kept). The statistics are buffers that a training-mode call
+// of the same layer updates in place, and may be inference tensors: unless
+// they are differentiated, the node keeps what it needs of them (a copy of
+// the mean and 1 / sqrt(var + eps), per channel) instead of the buffers.
 void save_eval_inputs(
     AutogradContext* ctx,
     const Variable& input,
@@ -77,9 +89,18 @@ void save_eval_inputs(
     ctx->saved_data["bn_bias_dtype"] =
         static_cast<int64_t>(bn_bias->scalar_type());
   }
+  const bool statistics_differentiable =
+      running_mean.requires_grad() || running_var.requires_grad();
+  ctx->saved_data["statistics_differentiable"] = statistics_differentiable;
+  at::Tensor mean = running_mean, var_or_inv_std = running_var;
+  if (!statistics_differentiable) {
+    const auto dtype = fold_dtype(weight, running_var);
+    mean = running_mean.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+    var_or_inv_std = (running_var.to(dtype) + eps).rsqrt();
+  }
   ctx->save_for_backward(
       {input, weight, bias.value_or(Variable()), bn_weight.value_or(Variable()),
-       running_mean, running_var});
+       mean, var_or_inv_std});
 }
 
 std::optional<at::ScalarType> saved_bn_bias_dtype(AutogradContext* ctx) {
@@ -104,15 +125,14 @@ std::vector<int64_t> per_output_channel(const at::Tensor& weight) {
   return shape;
 }
 
+// The fold from 1 / sqrt(running_var + eps) in the fold's dtype.
 Fold refold(
     const at::Tensor& weight,
     const at::Tensor& bn_weight,
-    const at::Tensor& running_var,
-    double eps) {
+    const at::Tensor& inv_std) {
   Fold fold;
-  fold.dtype = at::promote_types(
-      stats_dtype(weight.scalar_type()), running_var.scalar_type());
-  fold.inv_std = (running_var.to(fold.dtype) + eps).rsqrt();
+  fold.dtype = inv_std.scalar_type();
+  fold.inv_std = inv_std;
   fold.scale = bn_weight.defined() ? fold.inv_std * bn_weight.to(fold.dtype)
                                    : fold.inv_std;
   fold.weight = (weight.to(fold.dtype) *
@@ -182,6 +202,8 @@ variable_list chain_through_fold(
 // What a backward starts from: the saved inputs, which of them need a
 // gradient, and the fold recomputed from them.
 struct SavedEval {
+  // running_mean: the buffer, or its copy in the fold's dtype; running_var:
+  // the buffer where the statistics are differentiated, else undefined.
   at::Tensor input, weight, bias, bn_weight, running_mean, running_var;
   std::array<bool, 7> needs;
   Fold fold;
@@ -197,14 +219,22 @@ struct SavedEval {
 
 SavedEval unpack_saved(AutogradContext* ctx) {
   const auto saved = ctx->get_saved_variables();
-  SavedEval s{saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+  SavedEval s{saved[0], saved[1], saved[2], saved[3], saved[4], at::Tensor(),
               {}, {}};
   s.needs = eval_input_mask(
       ctx, s.bias.defined(), s.bn_weight.defined(),
       ctx->saved_data["has_bn_bias"].toBool());
-  s.fold = refold(
-      s.weight, s.bn_weight, s.running_var,
-      ctx->saved_data["eps"].toDouble());
+  at::Tensor inv_std;
+  if (ctx->saved_data["statistics_differentiable"].toBool()) {
+    // Recomputed from running_var, so that its gradient flows.
+    s.running_var = saved[5];
+    inv_std = (s.running_var.to(fold_dtype(s.weight, s.running_var)) +
+               ctx->saved_data["eps"].toDouble())
+                  .rsqrt();
+  } else {
+    inv_std = saved[5];
+  }
+  s.fold = refold(s.weight, s.bn_weight, inv_std);
   return s;
 }
 
@@ -240,8 +270,9 @@ class ConvBNEvalFunction
       at::IntArrayRef dilation,
       int64_t groups,
       double eps) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor output = conv_bn_eval(
+    // The composite's ATen ops, with grad mode off (as in any forward):
+    // they record nothing, and a tensor subclass sees them as ATen ops.
+    at::Tensor output = conv_bn_eval_composite(
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
         stride, padding, dilation, groups, eps);
     ctx->saved_data["stride"] = stride;
@@ -300,8 +331,7 @@ class LinearBNEvalFunction
       const Variable& running_mean,
       const Variable& running_var,
       double eps) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor output = linear_bn_eval(
+    at::Tensor output = linear_bn_eval_composite(
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
         eps);
     save_eval_inputs(
@@ -336,27 +366,27 @@ class LinearBNEvalFunction
   }
 };
 
-// How an eval operator's call is differentiated.
-enum class EvalAutograd {
-  kNone,       // nothing requires grad: run the kernel, record nothing
-  kNode,       // this file's node, which keeps only the inputs
-  kComposite,  // forward-mode AD (dual tensors, torch.func.jvp), which the
-               // node does not implement: the composite, differentiated as
-               // written
-};
-
-EvalAutograd eval_autograd(std::initializer_list<const at::Tensor*> tensors) {
+// Whether a call goes through this file's node. Otherwise the composite
+// runs here as written: it records nothing when nothing requires grad, and
+// autograd differentiates its ATen ops under forward-mode AD (dual tensors)
+// and torch.func's transforms, which the node does not support.
+bool uses_node(std::initializer_list<const at::Tensor*> tensors) {
+  // torch.func's transforms (grad, vjp, jvp, vmap) include this key while
+  // any of them runs.
+  if (c10::impl::tls_is_dispatch_key_included(
+          c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
+    return false;
+  }
   bool requires_grad = false;
   for (const at::Tensor* t : tensors) {
     if (t->defined()) {
       if (t->_fw_grad(/*level=*/0).defined()) {
-        return EvalAutograd::kComposite;
+        return false;
       }
       requires_grad = requires_grad || t->requires_grad();
     }
   }
-  return requires_grad && at::GradMode::is_enabled() ? EvalAutograd::kNode
-                                                     : EvalAutograd::kNone;
+  return requires_grad && at::GradMode::is_enabled();
 }
 
 const at::Tensor& or_undefined(const std::optional<at::Tensor>& t) {
@@ -377,21 +407,12 @@ at::Tensor conv_bn_eval_autograd(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps) {
-  switch (eval_autograd(
-      {&input, &weight, &or_undefined(bias), &or_undefined(bn_weight),
-       &or_undefined(bn_bias), &running_mean, &running_var})) {
-    case EvalAutograd::kNone: {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      return conv_bn_eval(
-          input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-          stride, padding, dilation, groups, eps);
-    }
-    case EvalAutograd::kComposite:
-      return conv_bn_eval_composite(
-          input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-          stride, padding, dilation, groups, eps);
-    case EvalAutograd::kNode:
-      break;
+  if (!uses_node(
+          {&input, &weight, &or_undefined(bias), &or_undefined(bn_weight),
+           &or_undefined(bn_bias), &running_mean, &running_var})) {
+    return conv_bn_eval_composite(
+        input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+        stride, padding, dilation, groups, eps);
   }
   return ConvBNEvalFunction::apply(
       input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
@@ -407,21 +428,12 @@ at::Tensor linear_bn_eval_autograd(
     const at::Tensor& running_mean,
     const at::Tensor& running_var,
     double eps) {
-  switch (eval_autograd(
-      {&input, &weight, &or_undefined(bias), &or_undefined(bn_weight),
-       &or_undefined(bn_bias), &running_mean, &running_var})) {
-    case EvalAutograd::kNone: {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      return linear_bn_eval(
-          input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-          eps);
-    }
-    case EvalAutograd::kComposite:
-      return linear_bn_eval_composite(
-          input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-          eps);
-    case EvalAutograd::kNode:
-      break;
+  if (!uses_node(
+          {&input, &weight, &or_undefined(bias), &or_undefined(bn_weight),
+           &or_undefined(bn_bias), &running_mean, &running_var})) {
+    return linear_bn_eval_composite(
+        input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+        eps);
   }
   return LinearBNEvalFunction::apply(
       input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);

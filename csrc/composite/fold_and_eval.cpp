@@ -104,7 +104,9 @@ at::Tensor conv_bn_eval_composite(
   check_conv_bn_args(
       kOp, input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
       groups, eps);
-  const auto [folded_weight, folded_bias] = fold_conv_bn(
+  // fold_conv_bn's kernel, called directly: the same ATen ops without a
+  // second trip through the dispatcher.
+  const auto [folded_weight, folded_bias] = fold_conv_bn_composite(
       weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
   return at::convolution(
       input, folded_weight, folded_bias, stride, padding, dilation,
@@ -122,7 +124,9 @@ at::Tensor linear_bn_eval_composite(
     double eps) {
   check_linear_bn_args(
       "convbn.linear_bn_eval", input, weight, bias, bn_weight, bn_bias, eps);
-  const auto [folded_weight, folded_bias] = fold_conv_bn(
+  // fold_conv_bn's kernel, called directly: the same ATen ops without a
+  // second trip through the dispatcher.
+  const auto [folded_weight, folded_bias] = fold_conv_bn_composite(
       weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
   return at::linear(input, folded_weight, folded_bias);
 }

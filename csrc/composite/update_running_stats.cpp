@@ -43,7 +43,8 @@ void update_running_stats_impl(
       num_batches_tracked.device() == save_mean.device(),
       kOp, ": `num_batches_tracked` is on ", num_batches_tracked.device(),
       " but the statistics are on ", save_mean.device());
-  TORCH_CHECK(
+  // ValueError in Python, as nn.BatchNorm raises it.
+  TORCH_CHECK_VALUE(
       count > 1,
       "Expected more than 1 value per channel when training, got ", count,
       " values per channel");
