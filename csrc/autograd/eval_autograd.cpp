@@ -17,6 +17,8 @@
 // has a derivative of its own), so it is differentiable in turn: double
 // backward works without a node of its own. Forward-mode AD, which the node
 // does not implement, differentiates the composite as written.
+#include "train_autograd_common.h"
+
 #include "../checks.h"
 #include "../composite/fold_and_eval.h"
 #include "../conv_bn_common.h"
@@ -38,34 +40,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;
 
-// Which of (input, weight, bias, bn_weight, bn_bias, running_mean,
-// running_var) need a gradient. needs_input_grad counts only the tensors
-// that were passed: an absent optional has no edge.
-std::array<bool, 7> eval_input_mask(
-    AutogradContext* ctx,
-    bool has_bias,
-    bool has_bn_weight,
-    bool has_bn_bias) {
-  const std::array<bool, 7> passed = {
-      true, true, has_bias, has_bn_weight, has_bn_bias, true, true};
-  std::array<bool, 7> mask{};
-  size_t edge = 0;
-  for (size_t i = 0; i < passed.size(); ++i) {
-    if (passed[i]) {
-      mask[i] = ctx->needs_input_grad(edge++);
-    }
-  }
-  return mask;
-}
-
 enum EvalInput { kInput, kWeight, kBias, kBnWeight, kBnBias, kMean, kVar };
-
-// The dtype the fold computes in: float32, or float64 for float64 data or
-// statistics (fold_and_eval.cpp's).
-at::ScalarType fold_dtype(const at::Tensor& weight, const at::Tensor& running_var) {
-  return at::promote_types(
-      stats_dtype(weight.scalar_type()), running_var.scalar_type());
-}
 
 // Saves what the backward refolds from: input, weight, bias, bn_weight and
 // the running statistics (bn_bias only shifts the folded bias, so only its
@@ -96,7 +71,7 @@ void save_eval_inputs(
   if (!statistics_differentiable) {
     const auto dtype = fold_dtype(weight, running_var);
     mean = running_mean.to(dtype, /*non_blocking=*/false, /*copy=*/true);
-    var_or_inv_std = (running_var.to(dtype) + eps).rsqrt();
+    var_or_inv_std = fold_inv_std(running_var, dtype, eps);
   }
   ctx->save_for_backward(
       {input, weight, bias.value_or(Variable()), bn_weight.value_or(Variable()),
@@ -119,12 +94,6 @@ struct Fold {
   at::Tensor weight;      // W', in the weight's dtype
 };
 
-std::vector<int64_t> per_output_channel(const at::Tensor& weight) {
-  std::vector<int64_t> shape(weight.dim(), 1);
-  shape[0] = -1;
-  return shape;
-}
-
 // The fold from 1 / sqrt(running_var + eps) in the fold's dtype.
 Fold refold(
     const at::Tensor& weight,
@@ -135,30 +104,67 @@ Fold refold(
   fold.inv_std = inv_std;
   fold.scale = bn_weight.defined() ? fold.inv_std * bn_weight.to(fold.dtype)
                                    : fold.inv_std;
-  fold.weight = (weight.to(fold.dtype) *
-                 fold.scale.view(per_output_channel(weight)))
-                    .to(weight.scalar_type());
+  fold.weight = scale_output_channels(weight, fold.scale);
   return fold;
 }
 
-// The gradients of the operator's inputs other than `input`, from those of
-// the folded weight and bias (each in the fold's dtype, or undefined when
-// not needed).
-variable_list chain_through_fold(
-    const Fold& fold,
-    const std::array<bool, 7>& needs,
+// What a backward starts from: the saved inputs, which of them need a
+// gradient, and the fold recomputed from them.
+struct SavedEval {
+  // running_mean: the buffer, or its copy in the fold's dtype; running_var:
+  // the buffer where the statistics are differentiated, else undefined.
+  at::Tensor input, weight, bias, bn_weight, running_mean, running_var;
+  std::array<bool, 7> needs;
+  Fold fold;
+
+  bool needs_folded_weight_grad() const {
+    return needs[kWeight] || needs[kBnWeight] || needs[kVar];
+  }
+  bool needs_folded_bias_grad() const {
+    return needs[kBias] || needs[kBnWeight] || needs[kBnBias] ||
+        needs[kMean] || needs[kVar];
+  }
+};
+
+SavedEval unpack_saved(AutogradContext* ctx) {
+  const auto saved = ctx->get_saved_variables();
+  SavedEval s{saved[0], saved[1], saved[2], saved[3], saved[4], at::Tensor(),
+              {}, {}};
+  // (input, weight, bias, bn_weight, bn_bias, running_mean, running_var)
+  s.needs = needs_grad_of_passed<7>(
+      ctx, {true, true, s.bias.defined(), s.bn_weight.defined(),
+            ctx->saved_data["has_bn_bias"].toBool(), true, true});
+  at::Tensor inv_std;
+  if (ctx->saved_data["statistics_differentiable"].toBool()) {
+    // Recomputed from running_var, so that its gradient flows.
+    s.running_var = saved[5];
+    inv_std = fold_inv_std(
+        s.running_var, fold_dtype(s.weight, s.running_var),
+        ctx->saved_data["eps"].toDouble());
+  } else {
+    inv_std = saved[5];
+  }
+  s.fold = refold(s.weight, s.bn_weight, inv_std);
+  return s;
+}
+
+// grads[weight..running_var], the gradients of the operator's inputs
+// other than `input`, from those of the folded weight and bias (each in the
+// fold's dtype, or undefined when not needed).
+void chain_through_fold(
+    AutogradContext* ctx,
+    const SavedEval& s,
     const at::Tensor& grad_folded_weight,
     const at::Tensor& grad_folded_bias,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const at::Tensor& bn_weight,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    std::optional<at::ScalarType> bn_bias_dtype) {
-  variable_list grads(7);
-  const auto shape = per_output_channel(weight);
+    variable_list& grads) {
+  const Fold& fold = s.fold;
+  const auto& needs = s.needs;
+  const at::Tensor &weight = s.weight, &bias = s.bias,
+                   &bn_weight = s.bn_weight, &running_mean = s.running_mean,
+                   &running_var = s.running_var;
+  const auto bn_bias_dtype = saved_bn_bias_dtype(ctx);
   if (needs[kWeight]) {
-    grads[kWeight] = (grad_folded_weight * fold.scale.view(shape))
+    grads[kWeight] = scale_output_channels(grad_folded_weight, fold.scale)
                          .to(weight.scalar_type());
   }
   if (needs[kBias]) {
@@ -195,61 +201,6 @@ variable_list chain_through_fold(
       grads[kVar] = (grad_inv_std * fold.inv_std.pow(3) * -0.5)
                         .to(running_var.scalar_type());
     }
-  }
-  return grads;
-}
-
-// What a backward starts from: the saved inputs, which of them need a
-// gradient, and the fold recomputed from them.
-struct SavedEval {
-  // running_mean: the buffer, or its copy in the fold's dtype; running_var:
-  // the buffer where the statistics are differentiated, else undefined.
-  at::Tensor input, weight, bias, bn_weight, running_mean, running_var;
-  std::array<bool, 7> needs;
-  Fold fold;
-
-  bool needs_folded_weight_grad() const {
-    return needs[kWeight] || needs[kBnWeight] || needs[kVar];
-  }
-  bool needs_folded_bias_grad() const {
-    return needs[kBias] || needs[kBnWeight] || needs[kBnBias] ||
-        needs[kMean] || needs[kVar];
-  }
-};
-
-SavedEval unpack_saved(AutogradContext* ctx) {
-  const auto saved = ctx->get_saved_variables();
-  SavedEval s{saved[0], saved[1], saved[2], saved[3], saved[4], at::Tensor(),
-              {}, {}};
-  s.needs = eval_input_mask(
-      ctx, s.bias.defined(), s.bn_weight.defined(),
-      ctx->saved_data["has_bn_bias"].toBool());
-  at::Tensor inv_std;
-  if (ctx->saved_data["statistics_differentiable"].toBool()) {
-    // Recomputed from running_var, so that its gradient flows.
-    s.running_var = saved[5];
-    inv_std = (s.running_var.to(fold_dtype(s.weight, s.running_var)) +
-               ctx->saved_data["eps"].toDouble())
-                  .rsqrt();
-  } else {
-    inv_std = saved[5];
-  }
-  s.fold = refold(s.weight, s.bn_weight, inv_std);
-  return s;
-}
-
-// grads[weight..running_var] from the folded weight's and bias's gradients.
-void add_chained_grads(
-    AutogradContext* ctx,
-    const SavedEval& s,
-    const at::Tensor& grad_folded_weight,
-    const at::Tensor& grad_folded_bias,
-    variable_list& grads) {
-  const auto chained = chain_through_fold(
-      s.fold, s.needs, grad_folded_weight, grad_folded_bias, s.weight, s.bias,
-      s.bn_weight, s.running_mean, s.running_var, saved_bn_bias_dtype(ctx));
-  for (size_t i = kWeight; i <= kVar; ++i) {
-    grads[i] = chained[i];
   }
 }
 
@@ -307,7 +258,7 @@ class ConvBNEvalFunction
             {s.needs[kInput], s.needs_folded_weight_grad(),
              s.needs_folded_bias_grad()});
     grads[kInput] = grad_input;
-    add_chained_grads(
+    chain_through_fold(
         ctx, s,
         s.needs_folded_weight_grad() ? grad_folded_weight.to(s.fold.dtype)
                                      : at::Tensor(),
@@ -354,7 +305,7 @@ class LinearBNEvalFunction
     if (s.needs[kInput]) {
       grads[kInput] = grad_output.mm(s.fold.weight);
     }
-    add_chained_grads(
+    chain_through_fold(
         ctx, s,
         s.needs_folded_weight_grad()
             ? grad_output.t().mm(s.input).to(s.fold.dtype)

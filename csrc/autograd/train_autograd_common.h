@@ -1,5 +1,5 @@
 // What the autograd kernels of conv_bn_train and linear_bn_train share
-// (autograd/*_train_autograd.cpp).
+// (autograd/*_train_autograd.cpp); eval_autograd.cpp uses its input mask.
 #pragma once
 
 #include "../conv_bn_common.h"
@@ -12,24 +12,31 @@
 
 namespace convbn {
 
+// Which of a node's N forward tensors need a gradient, given which were
+// passed: needs_input_grad counts only the tensors that were passed (an
+// absent optional has no edge).
+template <size_t N>
+std::array<bool, N> needs_grad_of_passed(
+    torch::autograd::AutogradContext* ctx,
+    const std::array<bool, N>& passed) {
+  std::array<bool, N> mask{};
+  size_t edge = 0;
+  for (size_t i = 0; i < N; ++i) {
+    if (passed[i]) {
+      mask[i] = ctx->needs_input_grad(edge++);
+    }
+  }
+  return mask;
+}
+
 // Which of (input, weight, bias, bn_weight, bn_bias) need a gradient.
-// needs_input_grad counts only the tensors that were passed: an absent
-// optional (bias, bn_weight, bn_bias) has no edge.
 inline std::array<bool, 5> train_output_mask(
     torch::autograd::AutogradContext* ctx,
     bool has_bias,
     bool has_bn_weight,
     bool has_bn_bias) {
-  const std::array<bool, 5> passed = {
-      true, true, has_bias, has_bn_weight, has_bn_bias};
-  std::array<bool, 5> output_mask{};
-  size_t edge = 0;
-  for (size_t i = 0; i < passed.size(); ++i) {
-    if (passed[i]) {
-      output_mask[i] = ctx->needs_input_grad(edge++);
-    }
-  }
-  return output_mask;
+  return needs_grad_of_passed<5>(
+      ctx, {true, true, has_bias, has_bn_weight, has_bn_bias});
 }
 
 // The process group of a synchronized training op (sync_conv_bn_train,

@@ -62,28 +62,38 @@ std::tuple<at::Tensor, at::Tensor> fold_conv_bn_composite(
   check_fold_args(
       "convbn.fold_conv_bn", weight, bias, bn_weight, bn_bias, running_mean,
       running_var, eps);
-  const auto fold_dtype = at::promote_types(
-      stats_dtype(weight.scalar_type()), running_var.scalar_type());
-  at::Tensor scale = (running_var.to(fold_dtype) + eps).rsqrt();
+  const auto dtype = fold_dtype(weight, running_var);
+  at::Tensor scale = fold_inv_std(running_var, dtype, eps);
   if (present(bn_weight)) {
-    scale = scale * bn_weight->to(fold_dtype);
+    scale = scale * bn_weight->to(dtype);
   }
   const at::Tensor centered_bias = present(bias)
-      ? bias->to(fold_dtype) - running_mean.to(fold_dtype)
-      : -running_mean.to(fold_dtype);
+      ? bias->to(dtype) - running_mean.to(dtype)
+      : -running_mean.to(dtype);
   at::Tensor folded_bias = centered_bias * scale;
   if (present(bn_bias)) {
-    folded_bias = folded_bias + bn_bias->to(fold_dtype);
+    folded_bias = folded_bias + bn_bias->to(dtype);
   }
-  std::vector<int64_t> per_output_channel(weight.dim(), 1);
-  per_output_channel[0] = -1;
-  const at::Tensor folded_weight =
-      (weight.to(fold_dtype) * scale.view(per_output_channel))
-          .to(weight.dtype());
-  return {folded_weight, folded_bias.to(weight.dtype())};
+  return {scale_output_channels(weight, scale), folded_bias.to(weight.dtype())};
 }
 
 } // namespace
+
+at::ScalarType fold_dtype(const at::Tensor& weight, const at::Tensor& running_var) {
+  return at::promote_types(
+      stats_dtype(weight.scalar_type()), running_var.scalar_type());
+}
+
+at::Tensor fold_inv_std(const at::Tensor& running_var, at::ScalarType dtype, double eps) {
+  return (running_var.to(dtype) + eps).rsqrt();
+}
+
+at::Tensor scale_output_channels(const at::Tensor& weight, const at::Tensor& scale) {
+  std::vector<int64_t> per_output_channel(weight.dim(), 1);
+  per_output_channel[0] = -1;
+  return (weight.to(scale.scalar_type()) * scale.view(per_output_channel))
+      .to(weight.scalar_type());
+}
 
 at::Tensor conv_bn_eval_composite(
     const at::Tensor& input,

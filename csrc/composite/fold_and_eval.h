@@ -1,6 +1,7 @@
-// The eval operators' composite kernels (fold_and_eval.cpp), for their
-// autograd kernels (autograd/eval_autograd.cpp), which differentiate them as
-// written where their own node cannot (forward-mode AD).
+// The eval operators' composite kernels (fold_and_eval.cpp) and the pieces
+// of their fold, for their autograd kernels (autograd/eval_autograd.cpp):
+// the node refolds in backward exactly as the forward folded, and runs the
+// composites where it does not apply.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,6 +9,16 @@
 #include <optional>
 
 namespace convbn {
+
+// The dtype the fold computes in: float32 (the statistics' dtype of
+// reduced-precision data), or float64 for float64 data or statistics.
+at::ScalarType fold_dtype(const at::Tensor& weight, const at::Tensor& running_var);
+
+// 1 / sqrt(running_var + eps), in `dtype`.
+at::Tensor fold_inv_std(const at::Tensor& running_var, at::ScalarType dtype, double eps);
+
+// W * scale per output channel (scale in the fold's dtype), in W's dtype.
+at::Tensor scale_output_channels(const at::Tensor& weight, const at::Tensor& scale);
 
 at::Tensor conv_bn_eval_composite(
     const at::Tensor& input,
