@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace convbn {
@@ -55,11 +56,11 @@ void check_conv_bias(
     const char* op,
     const std::optional<at::Tensor>& bias,
     const at::Tensor& weight,
+    int64_t out_channels,
     const at::Tensor& input) {
   if (!bias.has_value() || !bias->defined()) {
     return;
   }
-  const int64_t out_channels = weight.size(0);
   TORCH_CHECK(
       bias->dim() == 1 && bias->size(0) == out_channels,
       op, ": expected `bias` (the conv/linear bias) to be a 1-D tensor with ",
@@ -91,11 +92,28 @@ void check_data_types(
   check_same_device(op, "weight", weight, input);
 }
 
-void check_pair(const char* op, const char* name, at::IntArrayRef v) {
+// One value per spatial dimension.
+void check_per_dim(
+    const char* op,
+    const char* name,
+    at::IntArrayRef v,
+    int64_t spatial) {
+  static const char* const kDims[] = {
+      "", "(length)", "(height, width)", "(depth, height, width)"};
   TORCH_CHECK(
-      v.size() == 2,
-      op, ": expected `", name, "` to have 2 values (height, width), got ",
-      v.size(), " values ", v);
+      static_cast<int64_t>(v.size()) == spatial,
+      op, ": expected `", name, "` to have ", spatial, " value",
+      spatial == 1 ? " " : "s ", kDims[spatial], ", one per spatial "
+      "dimension of the ", spatial + 2, "-D input, got ", v.size(),
+      " values ", v);
+}
+
+const char* input_shape(int64_t dim) {
+  switch (dim) {
+    case 3: return "(N, C, L)";
+    case 5: return "(N, C, D, H, W)";
+    default: return "(N, C, H, W)";
+  }
 }
 
 } // namespace
@@ -110,6 +128,25 @@ at::ScalarType stats_dtype(at::ScalarType data_dtype) {
   return at::isReducedFloatingType(data_dtype) ? at::kFloat : data_dtype;
 }
 
+ConvArgs conv_args(
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool transposed,
+    at::IntArrayRef output_padding) {
+  ConvArgs conv{stride.vec(), padding.vec(), dilation.vec(), groups,
+                transposed, output_padding.vec()};
+  if (conv.output_padding.empty()) {
+    conv.output_padding.assign(conv.stride.size(), 0);
+  }
+  return conv;
+}
+
+int64_t conv_out_channels(const at::Tensor& weight, const ConvArgs& conv) {
+  return conv.transposed ? weight.size(1) * conv.groups : weight.size(0);
+}
+
 std::vector<c10::SymInt> check_conv_bn_args(
     const char* op,
     const at::Tensor& input,
@@ -117,71 +154,126 @@ std::vector<c10::SymInt> check_conv_bn_args(
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups,
+    const ConvArgs& conv,
     double eps) {
+  const int64_t dim = input.dim();
   TORCH_CHECK(
-      input.dim() == 4,
-      op, ": expected `input` of shape (N, C, H, W), but got a ", input.dim(),
+      dim >= 3 && dim <= 5,
+      op, ": expected `input` of shape (N, C, L), (N, C, H, W) or "
+      "(N, C, D, H, W) (a batch of 1-, 2- or 3-D data), but got a ", dim,
       "-D tensor of shape ", input.sizes(),
-      input.dim() == 3 ? "; add the batch dimension with input.unsqueeze(0)"
-                       : "");
+      dim == 2 ? "; add the batch dimension with input.unsqueeze(0)" : "");
+  const int64_t spatial = dim - 2;
+  const char* const kernel_dims[] = {"", "kL", "kH, kW", "kD, kH, kW"};
   TORCH_CHECK(
-      weight.dim() == 4,
-      op, ": expected `weight` of shape (out_channels, in_channels / groups, "
-      "kH, kW), but got a ", weight.dim(), "-D tensor of shape ",
-      weight.sizes());
+      weight.dim() != dim + 1 || weight.dim() > 5,
+      op, ": `input` of shape ", input.sizes(), " is ", dim, "-D, but `weight` "
+      "of shape ", weight.sizes(), " is a ", dim - 1, "-D convolution's, "
+      "which takes `input` of shape ", input_shape(dim + 1), "; if `input` is "
+      "one sample, add the batch dimension with input.unsqueeze(0)");
+  TORCH_CHECK(
+      weight.dim() == dim,
+      op, ": expected `weight` of shape ",
+      conv.transposed ? "(in_channels, out_channels / groups, "
+                      : "(out_channels, in_channels / groups, ",
+      kernel_dims[spatial], ") for the ", input_shape(dim), " input, but "
+      "got a ", weight.dim(), "-D tensor of shape ", weight.sizes());
   check_data_types(op, input, weight);
-  TORCH_CHECK(groups > 0, op, ": `groups` must be positive, got ", groups);
+  TORCH_CHECK(
+      conv.groups > 0, op, ": `groups` must be positive, got ", conv.groups);
 
-  check_pair(op, "stride", stride);
-  check_pair(op, "padding", padding);
-  check_pair(op, "dilation", dilation);
-  for (int i = 0; i < 2; ++i) {
+  check_per_dim(op, "stride", conv.stride, spatial);
+  check_per_dim(op, "padding", conv.padding, spatial);
+  check_per_dim(op, "dilation", conv.dilation, spatial);
+  check_per_dim(op, "output_padding", conv.output_padding, spatial);
+  for (int64_t i = 0; i < spatial; ++i) {
     TORCH_CHECK(
-        stride[i] > 0, op, ": `stride` must be positive, got ", stride);
+        conv.stride[i] > 0, op, ": `stride` must be positive, got ",
+        conv.stride);
     TORCH_CHECK(
-        dilation[i] > 0, op, ": `dilation` must be positive, got ", dilation);
+        conv.dilation[i] > 0, op, ": `dilation` must be positive, got ",
+        conv.dilation);
     TORCH_CHECK(
-        padding[i] >= 0, op, ": `padding` must be non-negative, got ",
-        padding);
+        conv.padding[i] >= 0, op, ": `padding` must be non-negative, got ",
+        conv.padding);
+    if (conv.transposed) {
+      // aten::convolution's rule: the extra output rows must be fewer than
+      // the stride or the dilation, or they would be a whole step.
+      TORCH_CHECK(
+          conv.output_padding[i] >= 0 &&
+              conv.output_padding[i] <
+                  std::max(conv.stride[i], conv.dilation[i]),
+          op, ": `output_padding` ", conv.output_padding, " must be "
+          "non-negative and smaller than either the stride ", conv.stride,
+          " or the dilation ", conv.dilation, " in each dimension");
+    } else {
+      TORCH_CHECK(
+          conv.output_padding[i] == 0,
+          op, ": `output_padding` ", conv.output_padding, " applies to "
+          "transposed convolutions only; pass transposed=True or zeros");
+    }
   }
   check_eps(op, eps);
 
-  const int64_t out_channels = weight.size(0);
-  TORCH_CHECK(
-      out_channels > 0 && out_channels % groups == 0,
-      op, ": `groups` (", groups, ") must divide the number of output "
-      "channels (weight.size(0) = ", out_channels, ")");
-  TORCH_CHECK(
-      input.sym_size(1) == weight.size(1) * groups,
-      op, ": channel mismatch: `input` has ", input.sym_size(1), " channels but "
-      "`weight` of shape ", weight.sizes(), " with groups=", groups,
-      " expects weight.size(1) * groups = ", weight.size(1) * groups,
-      " input channels");
+  const int64_t groups = conv.groups;
+  const int64_t out_channels = conv_out_channels(weight, conv);
+  if (conv.transposed) {
+    TORCH_CHECK(
+        weight.size(0) % groups == 0 && out_channels > 0,
+        op, ": `groups` (", groups, ") must divide the number of input "
+        "channels (weight.size(0) = ", weight.size(0), " of a transposed "
+        "convolution's weight), and weight.size(1) must be positive");
+    TORCH_CHECK(
+        input.sym_size(1) == weight.size(0),
+        op, ": channel mismatch: `input` has ", input.sym_size(1),
+        " channels but the transposed convolution's `weight` of shape ",
+        weight.sizes(), " expects weight.size(0) = ", weight.size(0),
+        " input channels");
+  } else {
+    TORCH_CHECK(
+        out_channels > 0 && out_channels % groups == 0,
+        op, ": `groups` (", groups, ") must divide the number of output "
+        "channels (weight.size(0) = ", out_channels, ")");
+    TORCH_CHECK(
+        input.sym_size(1) == weight.size(1) * groups,
+        op, ": channel mismatch: `input` has ", input.sym_size(1), " channels "
+        "but `weight` of shape ", weight.sizes(), " with groups=", groups,
+        " expects weight.size(1) * groups = ", weight.size(1) * groups,
+        " input channels");
+  }
 
-  check_conv_bias(op, bias, weight, input);
+  check_conv_bias(op, bias, weight, out_channels, input);
   check_optional_channel_param(
       op, "bn_weight", bn_weight, out_channels, input, true);
   check_optional_channel_param(
       op, "bn_bias", bn_bias, out_channels, input, true);
 
   std::vector<c10::SymInt> out_sizes{
-      input.sym_size(0), c10::SymInt(out_channels), 0, 0};
-  for (int i = 0; i < 2; ++i) {
+      input.sym_size(0), c10::SymInt(out_channels)};
+  for (int64_t i = 0; i < spatial; ++i) {
     const c10::SymInt in = input.sym_size(2 + i);
-    const int64_t k = weight.size(2 + i);
-    const int64_t extent = dilation[i] * (k - 1) + 1;
-    TORCH_CHECK(
-        in + 2 * padding[i] >= extent,
-        op, ": the convolution output would be empty: `input` spatial size (",
-        input.sym_size(2), ", ", input.sym_size(3), ") with padding ", padding,
-        " is smaller than the dilated kernel (", weight.size(2), ", ",
-        weight.size(3), ") with dilation ", dilation,
-        "; use a larger input or more padding");
-    out_sizes[2 + i] = (in + 2 * padding[i] - extent) / stride[i] + 1;
+    const int64_t extent = conv.dilation[i] * (weight.size(2 + i) - 1) + 1;
+    if (conv.transposed) {
+      const c10::SymInt out = (in - 1) * conv.stride[i] -
+          2 * conv.padding[i] + extent + conv.output_padding[i];
+      TORCH_CHECK(
+          out > 0,
+          op, ": the transposed convolution output would be empty: `input` "
+          "spatial size ", input.sym_sizes().slice(2), " with stride ",
+          conv.stride, ", padding ", conv.padding, ", dilation ",
+          conv.dilation, " and kernel ", weight.sizes().slice(2), " gives "
+          "size ", out, " in dimension ", i, "; use less padding");
+      out_sizes.push_back(out);
+    } else {
+      TORCH_CHECK(
+          in + 2 * conv.padding[i] >= extent,
+          op, ": the convolution output would be empty: `input` spatial size ",
+          input.sym_sizes().slice(2), " with padding ", conv.padding,
+          " is smaller than the dilated kernel ", weight.sizes().slice(2),
+          " with dilation ", conv.dilation,
+          "; use a larger input or more padding");
+      out_sizes.push_back((in + 2 * conv.padding[i] - extent) / conv.stride[i] + 1);
+    }
   }
   return out_sizes;
 }
@@ -217,7 +309,7 @@ std::vector<c10::SymInt> check_linear_bn_args(
       op, ": feature mismatch: `input` has ", input.sym_size(1),
       " features but `weight` of shape ", weight.sizes(), " expects ",
       weight.size(1), " (in_features)");
-  check_conv_bias(op, bias, weight, input);
+  check_conv_bias(op, bias, weight, out_features, input);
   check_optional_channel_param(
       op, "bn_weight", bn_weight, out_features, input, true);
   check_optional_channel_param(

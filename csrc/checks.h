@@ -20,8 +20,35 @@ void check_same_device(
     const at::Tensor& t,
     const at::Tensor& input);
 
+// The convolution of a conv+BN op, with aten::convolution's arguments: any
+// number of spatial dimensions (1, 2 or 3), transposed or not. The ops take
+// them flat (their schemas mirror aten::convolution's); the driver and the
+// checks pass them around as one value. output_padding is zeros when the op
+// was given none ([]).
+struct ConvArgs {
+  std::vector<int64_t> stride;
+  std::vector<int64_t> padding;
+  std::vector<int64_t> dilation;
+  int64_t groups = 1;
+  bool transposed = false;
+  std::vector<int64_t> output_padding;
+};
+
+ConvArgs conv_args(
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool transposed,
+    at::IntArrayRef output_padding);
+
+// Output channels of the convolution: weight.size(0) for a convolution,
+// weight.size(1) * groups for a transposed one (whose weight is
+// (in_channels, out_channels / groups, k...)).
+int64_t conv_out_channels(const at::Tensor& weight, const ConvArgs& conv);
+
 // Checks input/weight/bias/bn_weight/bn_bias and the conv hyper-parameters.
-// Returns the conv output's sizes (N, C_out, H_out, W_out). Sizes are
+// Returns the conv output's sizes (N, C_out, spatial...). Sizes are
 // SymInts so that the checks also run on fake tensors with symbolic shapes
 // (torch.compile with dynamic shapes) without specializing them.
 std::vector<c10::SymInt> check_conv_bn_args(
@@ -31,10 +58,7 @@ std::vector<c10::SymInt> check_conv_bn_args(
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups,
+    const ConvArgs& conv,
     double eps);
 
 // The same for linear_bn ops: input (N, in_features), weight

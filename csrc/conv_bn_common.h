@@ -18,14 +18,51 @@ namespace convbn {
 inline at::Tensor conv_without_bias(
     const at::Tensor& input,
     const at::Tensor& weight,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups) {
+    const ConvArgs& conv) {
   return at::convolution(
-             input, weight, std::nullopt, stride, padding, dilation,
-             /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
+             input, weight, std::nullopt, conv.stride, conv.padding,
+             conv.dilation, conv.transposed, conv.output_padding, conv.groups)
       .contiguous(layout_of(input));
+}
+
+// The batch-norm kernels (kernel_table.h) walk 4-D tensors. A conv output
+// of any rank, dense in its layout, is one for them: its spatial dimensions
+// flattened into one, (N, C, S, 1), with the same memory. NCHW-like data
+// (contiguous, any rank) keeps contiguous strides; channels_last_3d data
+// becomes a channels_last (N, C, S, 1) view, each position a row of C
+// values as before.
+inline at::Tensor as_kernel_4d(const at::Tensor& t) {
+  if (t.dim() == 4) {
+    return t;
+  }
+  const int64_t n = t.size(0), c = t.size(1);
+  int64_t s = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) {
+    s *= t.size(d);
+  }
+  if (t.is_contiguous()) {
+    return t.view({n, c, s, 1});
+  }
+  TORCH_CHECK(
+      t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d),
+      "convbn: internal error: a kernel operand of shape ", t.sizes(),
+      " and strides ", t.strides(), " is dense in neither layout");
+  return t.permute({0, 2, 3, 4, 1}).view({n, s, 1, c}).permute({0, 3, 1, 2});
+}
+
+// The other way round: a kernel's (N, C, S, 1) result, dense in the layout
+// of `like` (the conv output it was computed from), with like's sizes.
+inline at::Tensor from_kernel_4d(const at::Tensor& t4, const at::Tensor& like) {
+  if (like.dim() == 4) {
+    return t4;
+  }
+  if (like.is_contiguous()) {
+    return t4.view(like.sizes());
+  }
+  const auto sizes = like.sizes();
+  return t4.permute({0, 2, 3, 1})
+      .view({sizes[0], sizes[2], sizes[3], sizes[4], sizes[1]})
+      .permute({0, 4, 1, 2, 3});
 }
 
 inline bool present(const std::optional<at::Tensor>& t) {

@@ -16,9 +16,12 @@
 
 namespace convbn {
 
-// Training forward: y = conv2d(input, weight) + bias, then batch norm of y
-// with the batch's statistics (biased variance), scaled by bn_weight and
-// shifted by bn_bias when given.
+// Training forward: y = convolution(input, weight) + bias, then batch norm
+// of y with the batch's statistics (biased variance), scaled by bn_weight and
+// shifted by bn_bias when given. The convolution is aten::convolution's:
+// 1-, 2- or 3-D ((N, C, L), (N, C, H, W) or (N, C, D, H, W) input, one
+// stride/padding/dilation value per spatial dimension), transposed
+// (weight (in_channels, out_channels / groups, k...), output_padding) or not.
 // Returns (output, save_mean, save_invstd, conv_output):
 //   output       same dtype and memory format as input
 //   save_mean    per-channel mean of y (the conv output including its bias)
@@ -38,7 +41,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    bool memory_efficient = true);
+    bool memory_efficient = true,
+    bool transposed = false,
+    at::IntArrayRef output_padding = {});
 
 // Backward of conv_bn_train. output_mask selects which of (grad_input,
 // grad_weight, grad_bias, grad_bn_weight, grad_bn_bias) are computed; the
@@ -59,7 +64,9 @@ conv_bn_train_backward(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    std::array<bool, 5> output_mask);
+    std::array<bool, 5> output_mask,
+    bool transposed = false,
+    at::IntArrayRef output_padding = {});
 
 // conv_bn_train with the batch statistics of all ranks of a torch.distributed
 // process group, as nn.SyncBatchNorm computes them: every rank all-gathers
@@ -85,7 +92,9 @@ sync_conv_bn_train(
     double eps,
     std::string group_name,
     int64_t group_size,
-    bool memory_efficient = true);
+    bool memory_efficient = true,
+    bool transposed = false,
+    at::IntArrayRef output_padding = {});
 
 // Backward of sync_conv_bn_train: conv_bn_train_backward with the two
 // per-channel sums of the normalization's backward all-reduced over the
@@ -111,7 +120,9 @@ sync_conv_bn_train_backward(
     std::string group_name,
     int64_t group_size,
     const at::Tensor& count,
-    std::array<bool, 5> output_mask);
+    std::array<bool, 5> output_mask,
+    bool transposed = false,
+    at::IntArrayRef output_padding = {});
 
 // Updates running statistics in place from conv_bn_train's save_mean and
 // save_invstd, as nn.BatchNorm2d does: num_batches_tracked += 1, then
@@ -131,10 +142,13 @@ void update_running_stats(
     int64_t count);
 
 // Batch norm with running statistics folded into a conv or a linear layer:
-// returns (folded_weight, folded_bias) with conv2d(x, folded_weight,
-// folded_bias) == batch_norm(conv2d(x, weight, bias), running stats,
-// bn_weight, bn_bias), and the same with linear for a 2-D weight
-// (out_features, in_features). Computed in float32 (float64 for float64
+// returns (folded_weight, folded_bias) with conv(x, folded_weight,
+// folded_bias) == batch_norm(conv(x, weight, bias), running stats,
+// bn_weight, bn_bias) for a convolution of any rank, and the same with
+// linear for a 2-D weight (out_features, in_features). A transposed
+// convolution's weight (in_channels, out_channels / groups, k...) is scaled
+// along its output channels: pass transposed and its groups. Computed in
+// float32 (float64 for float64
 // weights), cast to weight's dtype.
 std::tuple<at::Tensor, at::Tensor> fold_conv_bn(
     const at::Tensor& weight,
@@ -143,7 +157,9 @@ std::tuple<at::Tensor, at::Tensor> fold_conv_bn(
     const std::optional<at::Tensor>& bn_bias,
     const at::Tensor& running_mean,
     const at::Tensor& running_var,
-    double eps);
+    double eps,
+    bool transposed = false,
+    int64_t groups = 1);
 
 // Inference: batch norm with running statistics folded into the conv weight
 // and bias, one convolution. Differentiable with respect to input, weight,
@@ -160,7 +176,9 @@ at::Tensor conv_bn_eval(
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
     int64_t groups,
-    double eps);
+    double eps,
+    bool transposed = false,
+    at::IntArrayRef output_padding = {});
 
 // Linear followed by BatchNorm1d on (N, in_features) input: as conv_bn_train
 // with y = input @ weight.T + bias (N, out_features) in place of the conv

@@ -16,15 +16,17 @@ namespace convbn {
 TORCH_LIBRARY(convbn, m) {
   m.def(
       "conv_bn_train(Tensor input, Tensor weight, Tensor? bias, "
-      "Tensor? bn_weight, Tensor? bn_bias, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, float eps, bool memory_efficient=True) "
+      "Tensor? bn_weight, Tensor? bn_bias, int[] stride, int[] padding, "
+      "int[] dilation, int groups, float eps, bool memory_efficient=True, "
+      "bool transposed=False, int[] output_padding=[]) "
       "-> (Tensor output, Tensor save_mean, Tensor save_invstd, "
       "Tensor conv_output)");
   m.def(
       "conv_bn_train_backward(Tensor grad_output, Tensor input, "
       "Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? conv_output, "
-      "Tensor save_mean, Tensor save_invstd, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, float eps, bool[5] output_mask) "
+      "Tensor save_mean, Tensor save_invstd, int[] stride, int[] padding, "
+      "int[] dilation, int groups, float eps, bool[5] output_mask, "
+      "bool transposed=False, int[] output_padding=[]) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_bn_weight, Tensor grad_bn_bias)");
   // conv_bn_train over the ranks of a torch.distributed process group (its
@@ -33,17 +35,19 @@ TORCH_LIBRARY(convbn, m) {
   // update_running_stats and the backward.
   m.def(
       "sync_conv_bn_train(Tensor input, Tensor weight, Tensor? bias, "
-      "Tensor? bn_weight, Tensor? bn_bias, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, float eps, str group_name, "
-      "int group_size, bool memory_efficient=True) "
+      "Tensor? bn_weight, Tensor? bn_bias, int[] stride, int[] padding, "
+      "int[] dilation, int groups, float eps, str group_name, "
+      "int group_size, bool memory_efficient=True, bool transposed=False, "
+      "int[] output_padding=[]) "
       "-> (Tensor output, Tensor save_mean, Tensor save_invstd, "
       "Tensor conv_output, Tensor count)");
   m.def(
       "sync_conv_bn_train_backward(Tensor grad_output, Tensor input, "
       "Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? conv_output, "
-      "Tensor save_mean, Tensor save_invstd, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, float eps, str group_name, "
-      "int group_size, Tensor count, bool[5] output_mask) "
+      "Tensor save_mean, Tensor save_invstd, int[] stride, int[] padding, "
+      "int[] dilation, int groups, float eps, str group_name, "
+      "int group_size, Tensor count, bool[5] output_mask, "
+      "bool transposed=False, int[] output_padding=[]) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_bn_weight, Tensor grad_bn_bias)");
   m.def(
@@ -52,13 +56,15 @@ TORCH_LIBRARY(convbn, m) {
       "float eps, float? momentum, SymInt count) -> ()");
   m.def(
       "fold_conv_bn(Tensor weight, Tensor? bias, Tensor? bn_weight, "
-      "Tensor? bn_bias, Tensor running_mean, Tensor running_var, float eps) "
+      "Tensor? bn_bias, Tensor running_mean, Tensor running_var, float eps, "
+      "bool transposed=False, int groups=1) "
       "-> (Tensor folded_weight, Tensor folded_bias)");
   m.def(
       "conv_bn_eval(Tensor input, Tensor weight, Tensor? bias, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
-      "Tensor running_var, int[2] stride, int[2] padding, int[2] dilation, "
-      "int groups, float eps) -> Tensor");
+      "Tensor running_var, int[] stride, int[] padding, int[] dilation, "
+      "int groups, float eps, bool transposed=False, "
+      "int[] output_padding=[]) -> Tensor");
   m.def(
       "linear_bn_train(Tensor input, Tensor weight, Tensor? bias, "
       "Tensor? bn_weight, Tensor? bn_bias, float eps, "
@@ -102,13 +108,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    bool memory_efficient) {
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("convbn::conv_bn_train", "")
                        .typed<decltype(conv_bn_train)>();
   return op.call(
       input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-      groups, eps, memory_efficient);
+      groups, eps, memory_efficient, transposed, output_padding);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -126,13 +134,16 @@ conv_bn_train_backward(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("convbn::conv_bn_train_backward", "")
                        .typed<decltype(conv_bn_train_backward)>();
   return op.call(
       grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
-      save_invstd, stride, padding, dilation, groups, eps, output_mask);
+      save_invstd, stride, padding, dilation, groups, eps, output_mask,
+      transposed, output_padding);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -149,13 +160,16 @@ sync_conv_bn_train(
     double eps,
     std::string group_name,
     int64_t group_size,
-    bool memory_efficient) {
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("convbn::sync_conv_bn_train", "")
                        .typed<decltype(sync_conv_bn_train)>();
   return op.call(
       input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-      groups, eps, std::move(group_name), group_size, memory_efficient);
+      groups, eps, std::move(group_name), group_size, memory_efficient,
+      transposed, output_padding);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -176,7 +190,9 @@ sync_conv_bn_train_backward(
     std::string group_name,
     int64_t group_size,
     const at::Tensor& count,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("convbn::sync_conv_bn_train_backward", "")
@@ -184,7 +200,8 @@ sync_conv_bn_train_backward(
   return op.call(
       grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
       save_invstd, stride, padding, dilation, groups, eps,
-      std::move(group_name), group_size, count, output_mask);
+      std::move(group_name), group_size, count, output_mask, transposed,
+      output_padding);
 }
 
 void update_running_stats(
@@ -214,12 +231,15 @@ std::tuple<at::Tensor, at::Tensor> fold_conv_bn(
     const std::optional<at::Tensor>& bn_bias,
     const at::Tensor& running_mean,
     const at::Tensor& running_var,
-    double eps) {
+    double eps,
+    bool transposed,
+    int64_t groups) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("convbn::fold_conv_bn", "")
                        .typed<decltype(fold_conv_bn)>();
   return op.call(
-      weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
+      weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+      transposed, groups);
 }
 
 at::Tensor conv_bn_eval(
@@ -234,13 +254,15 @@ at::Tensor conv_bn_eval(
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
     int64_t groups,
-    double eps) {
+    double eps,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("convbn::conv_bn_eval", "")
                        .typed<decltype(conv_bn_eval)>();
   return op.call(
       input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-      stride, padding, dilation, groups, eps);
+      stride, padding, dilation, groups, eps, transposed, output_padding);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_train(

@@ -113,7 +113,8 @@ struct BatchNormGrads {
   at::Tensor grad_bn_bias;
 };
 
-// The backward down to the linear map's output. dy and y are 4-D in the
+// The backward down to the linear map's output. dy and y are 4-D (see
+// as_kernel_4d) in the
 // same memory format; y_is_scratch says y was recomputed, so grad_y may
 // overwrite it. count is the number of values per channel the statistics
 // were over: y's own, or the group's when group is given, whose ranks then
@@ -281,25 +282,25 @@ NormalizedBatch conv_bn_forward(
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups,
+    const ConvArgs& conv,
     double eps,
     bool memory_efficient,
     const ProcessGroupRef* group) {
   const auto out_sizes = check_conv_bn_args(
-      op, input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-      groups, eps);
+      op, input, weight, bias, bn_weight, bn_bias, conv, eps);
   if (group == nullptr) {
     check_batch_statistics_possible(op, input, out_sizes);
   }
+  const at::Tensor y = conv_without_bias(input, weight, conv);
   auto result = normalize_batch(
-      kernels,
-      conv_without_bias(input, weight, stride, padding, dilation, groups),
-      bias, bn_weight, bn_bias, eps, memory_efficient, group);
+      kernels, as_kernel_4d(y), bias, bn_weight, bn_bias, eps,
+      memory_efficient, group);
   if (group != nullptr) {
     check_group_count(input, result.count, *group);
+  }
+  result.output = from_kernel_4d(result.output, y);
+  if (!memory_efficient) {
+    result.kept_y = y;
   }
   return result;
 }
@@ -318,10 +319,7 @@ conv_bn_backward(
     const std::optional<at::Tensor>& conv_output,
     const at::Tensor& save_mean,
     const at::Tensor& save_invstd,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups,
+    const ConvArgs& conv,
     double eps,
     std::array<bool, 5> output_mask,
     const ProcessGroupRef* group,
@@ -329,30 +327,31 @@ conv_bn_backward(
   // eps is in save_invstd already; the differentiable (double backward)
   // path in autograd/ needs it to recompute the statistics.
   const auto out_sizes = check_conv_bn_args(
-      op, input, weight, bias, bn_weight, std::nullopt, stride, padding,
-      dilation, groups, eps);
+      op, input, weight, bias, bn_weight, std::nullopt, conv, eps);
   check_backward_args(
-      op, grad_output, out_sizes, input, weight.size(0), save_mean,
-      save_invstd, "conv_output", conv_output);
+      op, grad_output, out_sizes, input, conv_out_channels(weight, conv),
+      save_mean, save_invstd, "conv_output", conv_output);
 
   const auto fmt = layout_of(input);
   const bool recompute = needs_recompute(conv_output);
-  at::Tensor y = recompute
-      ? conv_without_bias(input, weight, stride, padding, dilation, groups)
-      : conv_output->contiguous(fmt);
-  const int64_t count = group_count.value_or(values_per_channel(y));
+  const at::Tensor y = recompute ? conv_without_bias(input, weight, conv)
+                                 : conv_output->contiguous(fmt);
+  const at::Tensor y4 = as_kernel_4d(y);
+  const int64_t count = group_count.value_or(values_per_channel(y4));
   if (group_count.has_value()) {
-    check_backward_count(op, count, values_per_channel(y));
+    check_backward_count(op, count, values_per_channel(y4));
   }
   auto bn = batch_norm_backward(
-      kernels, grad_output.contiguous(fmt), y, recompute, save_mean,
-      save_invstd, bias, bn_weight, input, output_mask, count, group);
+      kernels, as_kernel_4d(grad_output.contiguous(fmt)), y4, recompute,
+      save_mean, save_invstd, bias, bn_weight, input, output_mask, count,
+      group);
 
   at::Tensor grad_input, grad_weight;
   if (output_mask[0] || output_mask[1]) {
     auto grads = at::convolution_backward(
-        bn.grad_y, input, weight, /*bias_sizes=*/std::nullopt, stride, padding,
-        dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+        from_kernel_4d(bn.grad_y, y), input, weight,
+        /*bias_sizes=*/std::nullopt, conv.stride, conv.padding, conv.dilation,
+        conv.transposed, conv.output_padding, conv.groups,
         {output_mask[0], output_mask[1], false});
     if (output_mask[0]) {
       grad_input = std::get<0>(grads).contiguous(fmt);
@@ -459,10 +458,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_forward
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    bool memory_efficient) {
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   auto result = conv_bn_forward(
-      kConvTrainOp, kernels, input, weight, bias, bn_weight, bn_bias, stride,
-      padding, dilation, groups, eps, memory_efficient, nullptr);
+      kConvTrainOp, kernels, input, weight, bias, bn_weight, bn_bias,
+      conv_args(stride, padding, dilation, groups, transposed, output_padding),
+      eps, memory_efficient, nullptr);
   return {result.output, result.save_mean, result.save_invstd, result.kept_y};
 }
 
@@ -482,10 +484,13 @@ conv_bn_train_backward_impl(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   return conv_bn_backward(
       kConvBackwardOp, kernels, grad_output, input, weight, bias, bn_weight,
-      conv_output, save_mean, save_invstd, stride, padding, dilation, groups,
+      conv_output, save_mean, save_invstd,
+      conv_args(stride, padding, dilation, groups, transposed, output_padding),
       eps, output_mask, nullptr, std::nullopt);
 }
 
@@ -504,11 +509,14 @@ sync_conv_bn_train_forward(
     double eps,
     const std::string& group_name,
     int64_t group_size,
-    bool memory_efficient) {
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   const auto group = group_of(kSyncTrainOp, group_name, group_size);
   auto result = conv_bn_forward(
-      kSyncTrainOp, kernels, input, weight, bias, bn_weight, bn_bias, stride,
-      padding, dilation, groups, eps, memory_efficient, &group);
+      kSyncTrainOp, kernels, input, weight, bias, bn_weight, bn_bias,
+      conv_args(stride, padding, dilation, groups, transposed, output_padding),
+      eps, memory_efficient, &group);
   return {result.output, result.save_mean, result.save_invstd, result.kept_y,
           at::scalar_tensor(result.count, at::kLong)};
 }
@@ -532,11 +540,14 @@ sync_conv_bn_train_backward_impl(
     const std::string& group_name,
     int64_t group_size,
     const at::Tensor& count,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   const auto group = group_of(kSyncBackwardOp, group_name, group_size);
   return conv_bn_backward(
       kSyncBackwardOp, kernels, grad_output, input, weight, bias, bn_weight,
-      conv_output, save_mean, save_invstd, stride, padding, dilation, groups,
+      conv_output, save_mean, save_invstd,
+      conv_args(stride, padding, dilation, groups, transposed, output_padding),
       eps, output_mask, &group, count_of(kSyncBackwardOp, count));
 }
 

@@ -28,7 +28,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_forward
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    bool memory_efficient);
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding);
 
 // conv_bn_train_backward with the given device kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -47,7 +49,9 @@ conv_bn_train_backward_impl(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    std::array<bool, 5> output_mask);
+    std::array<bool, 5> output_mask,
+    bool transposed,
+    at::IntArrayRef output_padding);
 
 // sync_conv_bn_train with the given device kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -65,7 +69,9 @@ sync_conv_bn_train_forward(
     double eps,
     const std::string& group_name,
     int64_t group_size,
-    bool memory_efficient);
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding);
 
 // sync_conv_bn_train_backward with the given device kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -87,7 +93,9 @@ sync_conv_bn_train_backward_impl(
     const std::string& group_name,
     int64_t group_size,
     const at::Tensor& count,
-    std::array<bool, 5> output_mask);
+    std::array<bool, 5> output_mask,
+    bool transposed,
+    at::IntArrayRef output_padding);
 
 // linear_bn_train with the given device kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -164,11 +172,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_kernel(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    bool memory_efficient) {
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   const at::OptionalDeviceGuard device_guard(at::device_of(input));
   return conv_bn_train_forward(
       Table(), input, weight, bias, bn_weight, bn_bias, stride, padding,
-      dilation, groups, eps, memory_efficient);
+      dilation, groups, eps, memory_efficient, transposed,
+      output_padding);
 }
 
 template <const KernelTable& (*Table)()>
@@ -187,12 +198,15 @@ conv_bn_train_backward_kernel(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   const at::OptionalDeviceGuard device_guard(at::device_of(input));
   return conv_bn_train_backward_impl(
       Table(), grad_output, input, weight, bias, bn_weight, conv_output,
       save_mean, save_invstd, stride, padding, dilation, groups, eps,
-      output_mask);
+      output_mask, transposed,
+      output_padding);
 }
 
 template <const KernelTable& (*Table)()>
@@ -210,11 +224,14 @@ sync_conv_bn_train_kernel(
     double eps,
     std::string group_name,
     int64_t group_size,
-    bool memory_efficient) {
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   const at::OptionalDeviceGuard device_guard(at::device_of(input));
   return sync_conv_bn_train_forward(
       Table(), input, weight, bias, bn_weight, bn_bias, stride, padding,
-      dilation, groups, eps, group_name, group_size, memory_efficient);
+      dilation, groups, eps, group_name, group_size, memory_efficient, transposed,
+      output_padding);
 }
 
 template <const KernelTable& (*Table)()>
@@ -236,12 +253,15 @@ sync_conv_bn_train_backward_kernel(
     std::string group_name,
     int64_t group_size,
     const at::Tensor& count,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   const at::OptionalDeviceGuard device_guard(at::device_of(input));
   return sync_conv_bn_train_backward_impl(
       Table(), grad_output, input, weight, bias, bn_weight, conv_output,
       save_mean, save_invstd, stride, padding, dilation, groups, eps,
-      group_name, group_size, count, output_mask);
+      group_name, group_size, count, output_mask, transposed,
+      output_padding);
 }
 
 template <const KernelTable& (*Table)()>

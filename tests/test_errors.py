@@ -28,7 +28,7 @@ def _train(**changes):
 
 
 BAD_TRAIN_INPUTS = [
-    (dict(input=torch.randn(4, 6, 6)), r"`input` of shape \(N, C, H, W\).*3-D.*unsqueeze\(0\)"),
+    (dict(input=torch.randn(4, 6, 6)), r"`input` of shape .* is 3-D.*takes `input` of shape \(N, C, H, W\).*unsqueeze\(0\)"),
     (dict(weight=torch.randn(6, 4, 3)), r"`weight` of shape"),
     (dict(weight=torch.randn(6, 3, 3, 3)), r"channel mismatch: `input` has 4 channels"),
     (dict(groups=4, weight=torch.randn(6, 1, 3, 3)), r"`groups` \(4\) must divide the number of output channels"),

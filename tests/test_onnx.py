@@ -226,6 +226,54 @@ def test_conv_bn_exports_one_conv_with_the_fold(config, kind, route):
     assert_matches(run_onnxruntime(proto, x), x, layer, reference, kind)
 
 
+ND_CONFIGS = {
+    "conv1d-same": (nn.Conv1d, nn.BatchNorm1d, dict(in_channels=3, out_channels=6, kernel_size=4, padding="same",
+                                                     bias=True), (2, 3, 11)),
+    "conv3d": (nn.Conv3d, nn.BatchNorm3d, dict(in_channels=2, out_channels=4, kernel_size=3, stride=(1, 2, 1),
+                                                padding=1), (2, 2, 5, 6, 4)),
+    "conv-transpose1d": (nn.ConvTranspose1d, nn.BatchNorm1d, dict(in_channels=4, out_channels=6, kernel_size=3,
+                                                                   stride=2, groups=2), (2, 4, 7)),
+    "conv-transpose2d": (nn.ConvTranspose2d, nn.BatchNorm2d, dict(in_channels=4, out_channels=6, kernel_size=3,
+                                                                   stride=2, padding=1, output_padding=1, groups=2,
+                                                                   bias=True), (2, 4, 5, 6)),
+    "conv-transpose3d": (nn.ConvTranspose3d, nn.BatchNorm3d, dict(in_channels=2, out_channels=4, kernel_size=2,
+                                                                   stride=2), (2, 2, 3, 4, 3)),
+}
+
+
+def fold_float64_transposed(conv, bn):
+    """fold_float64 for a transposed conv: its weight (in, out / groups, k...)
+    scaled along each group's output channels."""
+    scale = (bn.running_var.double() + bn.eps).rsqrt() * bn.weight.double()
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    folded_bias = (bias - bn.running_mean.double()) * scale + bn.bias.double()
+    w = conv.weight.double()
+    g = conv.groups
+    grouped = w.reshape(g, w.shape[0] // g, w.shape[1], -1) * scale.view(g, 1, w.shape[1], 1)
+    return grouped.reshape(w.shape), folded_bias
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("config", ND_CONFIGS.values(), ids=ND_CONFIGS.keys())
+def test_1d_3d_and_transposed_layers_export_one_conv_with_the_fold(config, route):
+    """ConvBN1d/3d and ConvTransposeBN1d/2d/3d: one Conv (ConvTranspose) on
+    the folded weight and bias, as for ConvBN2d."""
+    conv_type, bn_type, conv_args, shape = config
+    reference = pair(conv_type(**{"bias": False, **conv_args}), bn_type(conv_args["out_channels"]))
+    conv, bn = reference
+    layer = convbn.modules.CONV_BN_TYPES[(conv_type, bn_type)].from_modules(conv, bn).eval()
+    x = torch.randn(shape)
+    proto = export(layer, x, route)
+
+    assert_standard_graph(proto)
+    [conv_node] = nodes(proto, "ConvTranspose" if conv.transposed else "Conv")
+    assert not nodes(proto, "BatchNormalization")
+    folded_weight, folded_bias = (fold_float64_transposed if conv.transposed else fold_float64)(conv, bn)
+    assert_close_to_reference(initializer(proto, conv_node.input[1]), folded_weight, torch.float32, "weight")
+    assert_close_to_reference(initializer(proto, conv_node.input[2]), folded_bias, torch.float32, "bias")
+    assert_matches(run_onnxruntime(proto, x), x, layer, reference, type(layer).__name__)
+
+
 LINEAR_CONFIGS = {
     "plain": dict(bias=False),
     "bias": dict(bias=True),

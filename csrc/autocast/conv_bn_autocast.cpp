@@ -30,12 +30,15 @@ conv_bn_train_autocast(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    bool memory_efficient) {
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(AutocastKey);
   const AutocastCast<Device> cast;
   return conv_bn_train(
       cast(input), cast(weight), cast(bias), bn_weight, bn_bias, stride,
-      padding, dilation, groups, eps, memory_efficient);
+      padding, dilation, groups, eps, memory_efficient, transposed,
+      output_padding);
 }
 
 template <c10::DispatchKey AutocastKey, c10::DeviceType Device>
@@ -53,13 +56,15 @@ sync_conv_bn_train_autocast(
     double eps,
     std::string group_name,
     int64_t group_size,
-    bool memory_efficient) {
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(AutocastKey);
   const AutocastCast<Device> cast;
   return sync_conv_bn_train(
       cast(input), cast(weight), cast(bias), bn_weight, bn_bias, stride,
       padding, dilation, groups, eps, std::move(group_name), group_size,
-      memory_efficient);
+      memory_efficient, transposed, output_padding);
 }
 
 template <c10::DispatchKey AutocastKey, c10::DeviceType Device>
@@ -75,12 +80,15 @@ at::Tensor conv_bn_eval_autocast(
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
     int64_t groups,
-    double eps) {
+    double eps,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(AutocastKey);
   const AutocastCast<Device> cast;
   return conv_bn_eval(
       cast(input), cast(weight), cast(bias), bn_weight, bn_bias, running_mean,
-      running_var, stride, padding, dilation, groups, eps);
+      running_var, stride, padding, dilation, groups, eps, transposed,
+      output_padding);
 }
 
 } // namespace

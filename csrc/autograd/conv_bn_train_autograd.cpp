@@ -32,7 +32,7 @@ using torch::autograd::variable_list;
 class ConvBNTrainFunction
     : public torch::autograd::Function<ConvBNTrainFunction> {
  public:
-  static constexpr size_t kNumInputs = 13;
+  static constexpr size_t kNumInputs = 15;
 
   static variable_list forward(
       AutogradContext* ctx,
@@ -47,6 +47,8 @@ class ConvBNTrainFunction
       int64_t groups,
       double eps,
       bool memory_efficient,
+      bool transposed,
+      at::IntArrayRef output_padding,
       const std::optional<SyncGroup>& group) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor output, save_mean, save_invstd, conv_output, count;
@@ -55,18 +57,20 @@ class ConvBNTrainFunction
           sync_conv_bn_train(
               input, weight, bias, bn_weight, bn_bias, stride, padding,
               dilation, groups, eps, group->name, group->size,
-              memory_efficient);
+              memory_efficient, transposed, output_padding);
       save_sync_group(ctx, *group, output);
     } else {
       std::tie(output, save_mean, save_invstd, conv_output) = conv_bn_train(
           input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-          groups, eps, memory_efficient);
+          groups, eps, memory_efficient, transposed, output_padding);
     }
 
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["dilation"] = dilation;
     ctx->saved_data["groups"] = groups;
+    ctx->saved_data["transposed"] = transposed;
+    ctx->saved_data["output_padding"] = output_padding;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bn_bias"] = present(bn_bias);
     ctx->save_for_backward(
@@ -102,6 +106,9 @@ class ConvBNTrainFunction
     const auto dilation = ctx->saved_data["dilation"].toIntVector();
     const auto groups = ctx->saved_data["groups"].toInt();
     const auto eps = ctx->saved_data["eps"].toDouble();
+    const auto transposed = ctx->saved_data["transposed"].toBool();
+    const auto output_padding =
+        ctx->saved_data["output_padding"].toIntVector();
     at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
     if (is_synchronized(ctx)) {
       std::tie(grad_input, grad_weight, grad_bias, grad_bn_weight,
@@ -112,14 +119,15 @@ class ConvBNTrainFunction
               saved[6], stride, padding, dilation, groups, eps,
               ctx->saved_data["group_name"].toStringRef(),
               ctx->saved_data["group_size"].toInt(),
-              saved[7], output_mask);
+              saved[7], output_mask, transposed, output_padding);
     } else {
       std::tie(grad_input, grad_weight, grad_bias, grad_bn_weight,
                grad_bn_bias) =
           conv_bn_train_backward(
               grad_output, saved[0], saved[1], optional_of(saved[2]),
               optional_of(saved[3]), optional_of(saved[4]), saved[5],
-              saved[6], stride, padding, dilation, groups, eps, output_mask);
+              saved[6], stride, padding, dilation, groups, eps, output_mask,
+              transposed, output_padding);
     }
     variable_list grads(kNumInputs);
     grads[0] = grad_input;
@@ -143,10 +151,13 @@ conv_bn_train_autograd(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    bool memory_efficient) {
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   auto result = ConvBNTrainFunction::apply(
       input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-      groups, eps, memory_efficient, std::optional<SyncGroup>());
+      groups, eps, memory_efficient, transposed, output_padding,
+      std::optional<SyncGroup>());
   return {result[0], result[1], result[2], result[3]};
 }
 
@@ -165,16 +176,21 @@ conv_bn_train_backward_autograd(
     at::IntArrayRef dilation,
     int64_t groups,
     double eps,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   if (records_graph(grad_output, input, weight, bias, bn_weight)) {
     return differentiable_conv_bn_backward(
-        grad_output, input, weight, bias, bn_weight, stride, padding,
-        dilation, groups, eps, output_mask);
+        grad_output, input, weight, bias, bn_weight,
+        conv_args(stride, padding, dilation, groups, transposed,
+                  output_padding),
+        eps, output_mask);
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return conv_bn_train_backward(
       grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
-      save_invstd, stride, padding, dilation, groups, eps, output_mask);
+      save_invstd, stride, padding, dilation, groups, eps, output_mask,
+      transposed, output_padding);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -191,10 +207,12 @@ sync_conv_bn_train_autograd(
     double eps,
     std::string group_name,
     int64_t group_size,
-    bool memory_efficient) {
+    bool memory_efficient,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   auto result = ConvBNTrainFunction::apply(
       input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-      groups, eps, memory_efficient,
+      groups, eps, memory_efficient, transposed, output_padding,
       std::optional<SyncGroup>(SyncGroup{std::move(group_name), group_size}));
   return {result[0], result[1], result[2], result[3], result[4]};
 }
@@ -217,7 +235,9 @@ sync_conv_bn_train_backward_autograd(
     std::string group_name,
     int64_t group_size,
     const at::Tensor& count,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   check_no_double_backward(
       "convbn.sync_conv_bn_train_backward", grad_output, input, weight, bias,
       bn_weight);
@@ -225,7 +245,8 @@ sync_conv_bn_train_backward_autograd(
   return sync_conv_bn_train_backward(
       grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
       save_invstd, stride, padding, dilation, groups, eps,
-      std::move(group_name), group_size, count, output_mask);
+      std::move(group_name), group_size, count, output_mask, transposed,
+      output_padding);
 }
 
 } // namespace
@@ -239,15 +260,19 @@ differentiable_conv_bn_backward(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups,
+    const ConvArgs& conv,
     double eps,
     std::array<bool, 5> output_mask) {
-  const std::vector<int64_t> dims{0, 2, 3};
+  // Every dimension but the channels' (1).
+  std::vector<int64_t> dims{0};
+  std::vector<int64_t> per_channel(input.dim(), 1);
+  per_channel[1] = -1;
+  for (int64_t d = 2; d < input.dim(); ++d) {
+    dims.push_back(d);
+  }
   const at::Tensor y = at::convolution(
-      input, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
+      input, weight, bias, conv.stride, conv.padding, conv.dilation,
+      conv.transposed, conv.output_padding, conv.groups);
   const at::Tensor centered = y - y.mean(dims, /*keepdim=*/true);
   const at::Tensor invstd =
       (centered.square().mean(dims, /*keepdim=*/true) + eps).rsqrt();
@@ -264,7 +289,7 @@ differentiable_conv_bn_backward(
   const bool has_bias = present(bias);
   if (output_mask[0] || output_mask[1] || (output_mask[2] && has_bias)) {
     const at::Tensor grad_xhat = present(bn_weight)
-        ? grad_output * bn_weight->view({1, -1, 1, 1})
+        ? grad_output * bn_weight->view(per_channel)
         : grad_output;
     const at::Tensor grad_y = invstd *
         (grad_xhat - grad_xhat.mean(dims, true) -
@@ -274,8 +299,9 @@ differentiable_conv_bn_backward(
       bias_sizes = bias->sizes();
     }
     auto grads = at::convolution_backward(
-        grad_y.to(input.scalar_type()), input, weight, bias_sizes, stride,
-        padding, dilation, false, {0, 0}, groups,
+        grad_y.to(input.scalar_type()), input, weight, bias_sizes,
+        conv.stride, conv.padding, conv.dilation, conv.transposed,
+        conv.output_padding, conv.groups,
         {output_mask[0], output_mask[1], output_mask[2] && has_bias});
     grad_input = std::get<0>(grads);
     grad_weight = std::get<1>(grads);

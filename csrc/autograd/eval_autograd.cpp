@@ -98,13 +98,14 @@ struct Fold {
 Fold refold(
     const at::Tensor& weight,
     const at::Tensor& bn_weight,
-    const at::Tensor& inv_std) {
+    const at::Tensor& inv_std,
+    OutputChannels where) {
   Fold fold;
   fold.dtype = inv_std.scalar_type();
   fold.inv_std = inv_std;
   fold.scale = bn_weight.defined() ? fold.inv_std * bn_weight.to(fold.dtype)
                                    : fold.inv_std;
-  fold.weight = scale_output_channels(weight, fold.scale);
+  fold.weight = scale_output_channels(weight, fold.scale, where);
   return fold;
 }
 
@@ -115,6 +116,7 @@ struct SavedEval {
   // the buffer where the statistics are differentiated, else undefined.
   at::Tensor input, weight, bias, bn_weight, running_mean, running_var;
   std::array<bool, 7> needs;
+  OutputChannels where; // of a conv weight; a linear one's are dimension 0
   Fold fold;
 
   bool needs_folded_weight_grad() const {
@@ -129,7 +131,11 @@ struct SavedEval {
 SavedEval unpack_saved(AutogradContext* ctx) {
   const auto saved = ctx->get_saved_variables();
   SavedEval s{saved[0], saved[1], saved[2], saved[3], saved[4], at::Tensor(),
-              {}, {}};
+              {}, {}, {}};
+  if (ctx->saved_data.count("transposed") > 0) {
+    s.where = {ctx->saved_data["transposed"].toBool(),
+               ctx->saved_data["groups"].toInt()};
+  }
   // (input, weight, bias, bn_weight, bn_bias, running_mean, running_var)
   s.needs = needs_grad_of_passed<7>(
       ctx, {true, true, s.bias.defined(), s.bn_weight.defined(),
@@ -144,7 +150,7 @@ SavedEval unpack_saved(AutogradContext* ctx) {
   } else {
     inv_std = saved[5];
   }
-  s.fold = refold(s.weight, s.bn_weight, inv_std);
+  s.fold = refold(s.weight, s.bn_weight, inv_std, s.where);
   return s;
 }
 
@@ -164,8 +170,9 @@ void chain_through_fold(
                    &running_var = s.running_var;
   const auto bn_bias_dtype = saved_bn_bias_dtype(ctx);
   if (needs[kWeight]) {
-    grads[kWeight] = scale_output_channels(grad_folded_weight, fold.scale)
-                         .to(weight.scalar_type());
+    grads[kWeight] =
+        scale_output_channels(grad_folded_weight, fold.scale, s.where)
+            .to(weight.scalar_type());
   }
   if (needs[kBias]) {
     grads[kBias] = (grad_folded_bias * fold.scale).to(bias.scalar_type());
@@ -179,15 +186,12 @@ void chain_through_fold(
   }
   if (needs[kBnWeight] || needs[kVar]) {
     // d/d scale of W' = W * s and b' = (b - mean) * s + beta, per channel.
-    std::vector<int64_t> reduced;
-    for (int64_t d = 1; d < weight.dim(); ++d) {
-      reduced.push_back(d);
-    }
     const at::Tensor centered_bias = bias.defined()
         ? bias.to(fold.dtype) - running_mean.to(fold.dtype)
         : -running_mean.to(fold.dtype);
     const at::Tensor grad_scale =
-        (grad_folded_weight * weight.to(fold.dtype)).sum(reduced) +
+        sum_per_output_channel(
+            grad_folded_weight * weight.to(fold.dtype), s.where) +
         grad_folded_bias * centered_bias;
     if (needs[kBnWeight]) {
       grads[kBnWeight] =
@@ -220,16 +224,22 @@ class ConvBNEvalFunction
       at::IntArrayRef padding,
       at::IntArrayRef dilation,
       int64_t groups,
-      double eps) {
+      double eps,
+      bool transposed,
+      at::IntArrayRef output_padding) {
     // The composite's ATen ops, with grad mode off (as in any forward):
     // they record nothing, and a tensor subclass sees them as ATen ops.
     at::Tensor output = conv_bn_eval_composite(
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-        stride, padding, dilation, groups, eps);
+        stride, padding, dilation, groups, eps, transposed, output_padding);
+    const ConvArgs conv = conv_args(
+        stride, padding, dilation, groups, transposed, output_padding);
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["dilation"] = dilation;
     ctx->saved_data["groups"] = groups;
+    ctx->saved_data["transposed"] = transposed;
+    ctx->saved_data["output_padding"] = conv.output_padding;
     save_eval_inputs(
         ctx, input, weight, bias, bn_weight, bn_bias, running_mean,
         running_var, eps);
@@ -239,22 +249,24 @@ class ConvBNEvalFunction
   static variable_list backward(
       AutogradContext* ctx,
       const variable_list& grad_outputs) {
-    constexpr size_t kNumInputs = 12;
+    constexpr size_t kNumInputs = 14;
     const at::Tensor& grad_output = grad_outputs[0];
     variable_list grads(kNumInputs);
     if (!grad_output.defined()) {
       return grads;
     }
     const SavedEval s = unpack_saved(ctx);
-    const int64_t out_channels = s.weight.size(0);
+    const int64_t out_channels = s.where.transposed
+        ? s.weight.size(1) * s.where.groups
+        : s.weight.size(0);
     auto [grad_input, grad_folded_weight, grad_folded_bias] =
         at::convolution_backward(
             grad_output, s.input, s.fold.weight,
             at::OptionalIntArrayRef(at::IntArrayRef(out_channels)),
             ctx->saved_data["stride"].toIntVector(),
             ctx->saved_data["padding"].toIntVector(),
-            ctx->saved_data["dilation"].toIntVector(), /*transposed=*/false,
-            /*output_padding=*/{0, 0}, ctx->saved_data["groups"].toInt(),
+            ctx->saved_data["dilation"].toIntVector(), s.where.transposed,
+            ctx->saved_data["output_padding"].toIntVector(), s.where.groups,
             {s.needs[kInput], s.needs_folded_weight_grad(),
              s.needs_folded_bias_grad()});
     grads[kInput] = grad_input;
@@ -357,17 +369,19 @@ at::Tensor conv_bn_eval_autograd(
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
     int64_t groups,
-    double eps) {
+    double eps,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   if (!uses_node(
           {&input, &weight, &or_undefined(bias), &or_undefined(bn_weight),
            &or_undefined(bn_bias), &running_mean, &running_var})) {
     return conv_bn_eval_composite(
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-        stride, padding, dilation, groups, eps);
+        stride, padding, dilation, groups, eps, transposed, output_padding);
   }
   return ConvBNEvalFunction::apply(
       input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-      stride, padding, dilation, groups, eps);
+      stride, padding, dilation, groups, eps, transposed, output_padding);
 }
 
 at::Tensor linear_bn_eval_autograd(

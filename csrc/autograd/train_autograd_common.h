@@ -117,10 +117,7 @@ differentiable_conv_bn_backward(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups,
+    const ConvArgs& conv,
     double eps,
     std::array<bool, 5> output_mask);
 

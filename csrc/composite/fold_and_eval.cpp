@@ -31,13 +31,22 @@ void check_fold_args(
     const std::optional<at::Tensor>& bn_bias,
     const at::Tensor& running_mean,
     const at::Tensor& running_var,
-    double eps) {
+    double eps,
+    OutputChannels where) {
   TORCH_CHECK(
-      weight.dim() == 4 || weight.dim() == 2,
+      (weight.dim() >= 3 && weight.dim() <= 5) ||
+          (weight.dim() == 2 && !where.transposed),
       op, ": expected a conv `weight` (out_channels, in_channels / groups, "
-      "kH, kW) or a linear `weight` (out_features, in_features), but got "
-      "shape ", weight.sizes());
-  const int64_t channels = weight.size(0);
+      "k...) with 1 to 3 kernel dimensions, a transposed conv's `weight` "
+      "(in_channels, out_channels / groups, k...) or a linear `weight` "
+      "(out_features, in_features), but got shape ", weight.sizes(),
+      where.transposed ? " with transposed=True" : "");
+  TORCH_CHECK(
+      where.groups > 0 && (!where.transposed || weight.size(0) % where.groups == 0),
+      op, ": `groups` (", where.groups, ") must be positive and, for a "
+      "transposed conv, divide weight.size(0) = ", weight.size(0));
+  const int64_t channels =
+      where.transposed ? weight.size(1) * where.groups : weight.size(0);
   for (const auto& [name, t] :
        {std::pair<const char*, const std::optional<at::Tensor>*>{"bias", &bias},
         {"bn_weight", &bn_weight},
@@ -58,10 +67,13 @@ std::tuple<at::Tensor, at::Tensor> fold_conv_bn_composite(
     const std::optional<at::Tensor>& bn_bias,
     const at::Tensor& running_mean,
     const at::Tensor& running_var,
-    double eps) {
+    double eps,
+    bool transposed,
+    int64_t groups) {
+  const OutputChannels where{transposed, groups};
   check_fold_args(
       "convbn.fold_conv_bn", weight, bias, bn_weight, bn_bias, running_mean,
-      running_var, eps);
+      running_var, eps, where);
   const auto dtype = fold_dtype(weight, running_var);
   at::Tensor scale = fold_inv_std(running_var, dtype, eps);
   if (present(bn_weight)) {
@@ -74,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor> fold_conv_bn_composite(
   if (present(bn_bias)) {
     folded_bias = folded_bias + bn_bias->to(dtype);
   }
-  return {scale_output_channels(weight, scale), folded_bias.to(weight.dtype())};
+  return {scale_output_channels(weight, scale, where),
+          folded_bias.to(weight.dtype())};
 }
 
 } // namespace
@@ -88,11 +101,53 @@ at::Tensor fold_inv_std(const at::Tensor& running_var, at::ScalarType dtype, dou
   return (running_var.to(dtype) + eps).rsqrt();
 }
 
-at::Tensor scale_output_channels(const at::Tensor& weight, const at::Tensor& scale) {
-  std::vector<int64_t> per_output_channel(weight.dim(), 1);
-  per_output_channel[0] = -1;
-  return (weight.to(scale.scalar_type()) * scale.view(per_output_channel))
+namespace {
+
+// A transposed conv's weight (in_channels, out_channels / groups, k...) as
+// (groups, in_channels / groups, out_channels / groups, k...): its output
+// channel o = g * (out_channels / groups) + j is [g, :, j, ...].
+std::vector<int64_t> grouped_transposed_sizes(
+    const at::Tensor& weight,
+    int64_t groups) {
+  std::vector<int64_t> sizes{groups, weight.size(0) / groups};
+  for (int64_t d = 1; d < weight.dim(); ++d) {
+    sizes.push_back(weight.size(d));
+  }
+  return sizes;
+}
+
+} // namespace
+
+at::Tensor scale_output_channels(
+    const at::Tensor& weight,
+    const at::Tensor& scale,
+    OutputChannels where) {
+  const at::Tensor w = weight.to(scale.scalar_type());
+  if (!where.transposed) {
+    std::vector<int64_t> per_output_channel(weight.dim(), 1);
+    per_output_channel[0] = -1;
+    return (w * scale.view(per_output_channel)).to(weight.scalar_type());
+  }
+  const auto grouped = grouped_transposed_sizes(weight, where.groups);
+  std::vector<int64_t> per_output_channel(grouped.size(), 1);
+  per_output_channel[0] = where.groups;
+  per_output_channel[2] = -1;
+  return (w.reshape(grouped) * scale.view(per_output_channel))
+      .view(weight.sizes())
       .to(weight.scalar_type());
+}
+
+at::Tensor sum_per_output_channel(const at::Tensor& t, OutputChannels where) {
+  if (!where.transposed) {
+    std::vector<int64_t> reduced;
+    for (int64_t d = 1; d < t.dim(); ++d) {
+      reduced.push_back(d);
+    }
+    return t.sum(reduced);
+  }
+  return t.reshape({where.groups, t.size(0) / where.groups, t.size(1), -1})
+      .sum({1, 3})
+      .reshape({-1});
 }
 
 at::Tensor conv_bn_eval_composite(
@@ -107,20 +162,23 @@ at::Tensor conv_bn_eval_composite(
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
     int64_t groups,
-    double eps) {
+    double eps,
+    bool transposed,
+    at::IntArrayRef output_padding) {
   constexpr const char* kOp = "convbn.conv_bn_eval";
   // fold_conv_bn checks the running statistics (on weight's device, which
   // check_conv_bn_args ties to input's).
-  check_conv_bn_args(
-      kOp, input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-      groups, eps);
+  const ConvArgs conv =
+      conv_args(stride, padding, dilation, groups, transposed, output_padding);
+  check_conv_bn_args(kOp, input, weight, bias, bn_weight, bn_bias, conv, eps);
   // fold_conv_bn's kernel, called directly: the same ATen ops without a
   // second trip through the dispatcher.
   const auto [folded_weight, folded_bias] = fold_conv_bn_composite(
-      weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
+      weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+      transposed, groups);
   return at::convolution(
-      input, folded_weight, folded_bias, stride, padding, dilation,
-      /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+      input, folded_weight, folded_bias, conv.stride, conv.padding,
+      conv.dilation, conv.transposed, conv.output_padding, conv.groups);
 }
 
 at::Tensor linear_bn_eval_composite(
@@ -137,7 +195,8 @@ at::Tensor linear_bn_eval_composite(
   // fold_conv_bn's kernel, called directly: the same ATen ops without a
   // second trip through the dispatcher.
   const auto [folded_weight, folded_bias] = fold_conv_bn_composite(
-      weight, bias, bn_weight, bn_bias, running_mean, running_var, eps);
+      weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+      /*transposed=*/false, /*groups=*/1);
   return at::linear(input, folded_weight, folded_bias);
 }
 

@@ -17,8 +17,24 @@ at::ScalarType fold_dtype(const at::Tensor& weight, const at::Tensor& running_va
 // 1 / sqrt(running_var + eps), in `dtype`.
 at::Tensor fold_inv_std(const at::Tensor& running_var, at::ScalarType dtype, double eps);
 
+// Where a weight keeps its output channels: dimension 0 of a conv or linear
+// weight (out_channels, in_channels / groups, k...); for a transposed
+// conv's weight (in_channels, out_channels / groups, k...), dimension 1
+// within each of the `groups` blocks of dimension 0.
+struct OutputChannels {
+  bool transposed = false;
+  int64_t groups = 1;
+};
+
 // W * scale per output channel (scale in the fold's dtype), in W's dtype.
-at::Tensor scale_output_channels(const at::Tensor& weight, const at::Tensor& scale);
+at::Tensor scale_output_channels(
+    const at::Tensor& weight,
+    const at::Tensor& scale,
+    OutputChannels where = {});
+
+// sum(t) per output channel of a weight-shaped t: the gradient of a
+// per-output-channel scale.
+at::Tensor sum_per_output_channel(const at::Tensor& t, OutputChannels where = {});
 
 at::Tensor conv_bn_eval_composite(
     const at::Tensor& input,
@@ -32,7 +48,9 @@ at::Tensor conv_bn_eval_composite(
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
     int64_t groups,
-    double eps);
+    double eps,
+    bool transposed,
+    at::IntArrayRef output_padding);
 
 at::Tensor linear_bn_eval_composite(
     const at::Tensor& input,

@@ -7,7 +7,8 @@ BatchNorm1d, each as one PyTorch operator.
                                                 the operators
     torch.ops.convbn.sync_conv_bn_train / sync_linear_bn_train (+ backwards)
                                                 the same over a process group
-    convbn.ConvBN2d, convbn.LinearBN1d          the nn.Modules
+    convbn.ConvBN1d/2d/3d, convbn.ConvTransposeBN1d/2d/3d, convbn.LinearBN1d
+                                                the nn.Modules
     convbn.SyncConvBN2d, convbn.SyncLinearBN1d  statistics over all processes
     convbn.convert_sync_batchnorm(model)        ConvBN2d/LinearBN1d -> Sync*
     convbn.functional.conv_bn / linear_bn       the functional forms
@@ -28,14 +29,20 @@ from . import _fake  # noqa: E402,F401  (registers the fake kernels)
 from . import _onnx  # noqa: E402,F401  (registers the TorchScript-based ONNX exporter's symbolics)
 from ._onnx import onnx_translation_table  # noqa: E402
 from . import functional, models, utils  # noqa: E402
-from .distributed import SyncConvBN2d, SyncLinearBN1d, convert_sync_batchnorm  # noqa: E402
+from .distributed import (  # noqa: E402
+    SyncConvBN1d, SyncConvBN2d, SyncConvBN3d, SyncConvTransposeBN1d, SyncConvTransposeBN2d, SyncConvTransposeBN3d,
+    SyncLinearBN1d, convert_sync_batchnorm,
+)
 from .fuse import FusedBatchNormSlot, FuseReport, fuse, unfuse  # noqa: E402
-from .modules import ConvBN2d, LinearBN1d  # noqa: E402
+from .modules import (  # noqa: E402
+    ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d, LinearBN1d,
+)
 from .recalibrate import recalibrate  # noqa: E402
 from ._library import build_info  # noqa: E402
 
 __all__ = [
-    "ConvBN2d", "build_info", "FuseReport", "FusedBatchNormSlot", "LinearBN1d", "SyncConvBN2d", "SyncLinearBN1d", "convert_sync_batchnorm", "functional",
+    "ConvBN1d", "ConvBN2d", "ConvBN3d", "ConvTransposeBN1d", "ConvTransposeBN2d", "ConvTransposeBN3d", "build_info", "FuseReport", "FusedBatchNormSlot", "LinearBN1d", "SyncConvBN1d", "SyncConvBN2d", "SyncConvBN3d", "SyncConvTransposeBN1d",
+    "SyncConvTransposeBN2d", "SyncConvTransposeBN3d", "SyncLinearBN1d", "convert_sync_batchnorm", "functional",
     "fuse", "models", "onnx_translation_table", "recalibrate", "unfuse", "utils",
 ]
 __version__ = "0.1.0"

@@ -22,26 +22,37 @@ def _check_same_device(op, input, **tensors):
             )
 
 
-def _conv_output_size(input, weight, stride, padding, dilation):
-    torch._check(input.dim() == 4, lambda: f"convbn: expected a 4-D input, got {input.dim()}-D")
-    torch._check(weight.dim() == 4, lambda: f"convbn: expected a 4-D weight, got {weight.dim()}-D")
+def _conv_output_size(input, weight, stride, padding, dilation, groups, transposed, output_padding):
+    """aten::convolution's output size, for 1 to 3 spatial dimensions."""
+    n = input.dim() - 2
+    torch._check(1 <= n <= 3, lambda: f"convbn: expected a 3-, 4- or 5-D input, got {input.dim()}-D")
+    torch._check(weight.dim() == input.dim(), lambda: f"convbn: expected a {input.dim()}-D weight, got {weight.dim()}-D")
+    output_padding = list(output_padding) or [0] * n
+    if transposed:
+        spatial = [
+            (input.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1)
+            + output_padding[i] + 1
+            for i in range(n)
+        ]
+        return (input.shape[0], weight.shape[1] * groups, *spatial)
     spatial = [
         (input.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-        for i in range(2)
+        for i in range(n)
     ]
     return (input.shape[0], weight.shape[0], *spatial)
 
 
 @torch.library.register_fake("convbn::conv_bn_train")
 def _conv_bn_train_fake(
-    input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, memory_efficient=True
+    input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, memory_efficient=True,
+    transposed=False, output_padding=(),
 ):
     _check_same_device("convbn.conv_bn_train", input, weight=weight, bias=bias,
                        bn_weight=bn_weight, bn_bias=bn_bias)
-    size = _conv_output_size(input, weight, stride, padding, dilation)
+    size = _conv_output_size(input, weight, stride, padding, dilation, groups, transposed, output_padding)
     fmt = suggest_memory_format(input)
     output = torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
-    stats = input.new_empty((weight.shape[0],), dtype=_stats_dtype(input.dtype))
+    stats = input.new_empty((size[1],), dtype=_stats_dtype(input.dtype))
     conv_output = input.new_empty((0,)) if memory_efficient else torch.empty_like(output)
     return output, stats, torch.empty_like(stats), conv_output
 
@@ -49,21 +60,22 @@ def _conv_bn_train_fake(
 @torch.library.register_fake("convbn::conv_bn_train_backward")
 def _conv_bn_train_backward_fake(
     grad_output, input, weight, bias, bn_weight, conv_output, save_mean, save_invstd,
-    stride, padding, dilation, groups, eps, output_mask,
+    stride, padding, dilation, groups, eps, output_mask, transposed=False, output_padding=(),
 ):
     _check_same_device("convbn.conv_bn_train_backward", input, grad_output=grad_output,
                        weight=weight, bias=bias, bn_weight=bn_weight, conv_output=conv_output,
                        save_mean=save_mean, save_invstd=save_invstd)
-    return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
+    return _train_backward_fake(input, weight, bias, bn_weight, output_mask, save_mean.shape[0])
 
 
 @torch.library.register_fake("convbn::sync_conv_bn_train")
 def _sync_conv_bn_train_fake(
     input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
-    group_name, group_size, memory_efficient=True,
+    group_name, group_size, memory_efficient=True, transposed=False, output_padding=(),
 ):
     results = _conv_bn_train_fake(
-        input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, memory_efficient
+        input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, memory_efficient,
+        transposed, output_padding,
     )
     # count: the group's values per channel, a host-side 0-dim int64 tensor.
     return (*results, torch.empty((), dtype=torch.long, device="cpu"))
@@ -72,12 +84,13 @@ def _sync_conv_bn_train_fake(
 @torch.library.register_fake("convbn::sync_conv_bn_train_backward")
 def _sync_conv_bn_train_backward_fake(
     grad_output, input, weight, bias, bn_weight, conv_output, save_mean, save_invstd,
-    stride, padding, dilation, groups, eps, group_name, group_size, count, output_mask,
+    stride, padding, dilation, groups, eps, group_name, group_size, count, output_mask, transposed=False,
+    output_padding=(),
 ):
     _check_same_device("convbn.sync_conv_bn_train_backward", input, grad_output=grad_output,
                        weight=weight, bias=bias, bn_weight=bn_weight, conv_output=conv_output,
                        save_mean=save_mean, save_invstd=save_invstd)
-    return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
+    return _train_backward_fake(input, weight, bias, bn_weight, output_mask, save_mean.shape[0])
 
 
 @torch.library.register_fake("convbn::linear_bn_train")
@@ -99,7 +112,7 @@ def _linear_bn_train_backward_fake(
     _check_same_device("convbn.linear_bn_train_backward", input, grad_output=grad_output,
                        weight=weight, bias=bias, bn_weight=bn_weight, linear_output=linear_output,
                        save_mean=save_mean, save_invstd=save_invstd)
-    return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
+    return _train_backward_fake(input, weight, bias, bn_weight, output_mask, weight.shape[0])
 
 
 @torch.library.register_fake("convbn::sync_linear_bn_train")
@@ -118,13 +131,13 @@ def _sync_linear_bn_train_backward_fake(
     _check_same_device("convbn.sync_linear_bn_train_backward", input, grad_output=grad_output,
                        weight=weight, bias=bias, bn_weight=bn_weight, linear_output=linear_output,
                        save_mean=save_mean, save_invstd=save_invstd)
-    return _train_backward_fake(input, weight, bias, bn_weight, output_mask)
+    return _train_backward_fake(input, weight, bias, bn_weight, output_mask, weight.shape[0])
 
 
-def _train_backward_fake(input, weight, bias, bn_weight, output_mask):
-    """The five gradients of a training backward, as its output_mask asks."""
+def _train_backward_fake(input, weight, bias, bn_weight, output_mask, channels):
+    """The five gradients of a training backward, as its output_mask asks;
+    channels is the number of output channels."""
     param_dtype = bn_weight.dtype if bn_weight is not None else input.dtype
-    channels = weight.shape[0]
     grad_input = (
         torch.empty(input.shape, dtype=input.dtype, device=input.device,
                     memory_format=suggest_memory_format(input))

@@ -72,7 +72,8 @@ def _dtype(value: _C.Value) -> Optional[torch.dtype]:
     return value_type.dtype() if isinstance(value_type, _C.TensorType) else None
 
 
-def _fold(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: float):
+def _fold(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: float,
+          transposed: bool = False, groups: int = 1):
     """ONNX ops computing fold_conv_bn as the C++ kernel does: in float32
     (float64 when the weight or the running variance is float64), cast back
     to the weight's dtype.
@@ -103,11 +104,28 @@ def _fold(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps: f
     if present(bn_bias):
         folded_bias = g.op("Add", folded_bias, in_fold_dtype(bn_bias))
 
-    # scale as (C, 1, 1, 1) for a conv weight, (C, 1) for a linear one.
-    weight_rank = weight.type().dim() if isinstance(weight.type(), _C.TensorType) else None
-    per_output_channel = [-1] + [1] * ((weight_rank or 4) - 1)
-    scale_shape = g.op("Constant", value_t=torch.tensor(per_output_channel, dtype=torch.int64))
-    folded_weight = g.op("Mul", in_fold_dtype(weight), g.op("Reshape", scale, scale_shape))
+    def shape_constant(shape):
+        return g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64))
+
+    if transposed:
+        # A transposed conv's weight (C_in, C_out / groups, k...) as
+        # (groups, C_in / groups, C_out / groups, k), scaled along its third
+        # dimension, the output channels of each group.
+        sizes = weight.type().sizes() if isinstance(weight.type(), _C.TensorType) else None
+        if sizes is None or any(d is None for d in sizes):
+            raise RuntimeError(
+                "convbn: exporting a transposed conv + batch norm in eval mode needs the weight's shape; "
+                "export with torch.onnx.export(..., dynamo=True) (the default) instead"
+            )
+        grouped = g.op("Reshape", in_fold_dtype(weight),
+                       shape_constant([groups, sizes[0] // groups, sizes[1], -1]))
+        scaled = g.op("Mul", grouped, g.op("Reshape", scale, shape_constant([groups, 1, sizes[1], 1])))
+        folded_weight = g.op("Reshape", scaled, shape_constant(list(sizes)))
+    else:
+        # scale as (C, 1, 1, 1) for a conv weight, (C, 1) for a linear one.
+        weight_rank = weight.type().dim() if isinstance(weight.type(), _C.TensorType) else None
+        per_output_channel = [-1] + [1] * ((weight_rank or 4) - 1)
+        folded_weight = g.op("Mul", in_fold_dtype(weight), g.op("Reshape", scale, shape_constant(per_output_channel)))
     onnx_weight_type = _onnx_type(weight_dtype)
     return g.op("Cast", folded_weight, to_i=onnx_weight_type), g.op("Cast", folded_bias, to_i=onnx_weight_type)
 
@@ -116,19 +134,25 @@ def _onnx_type(dtype: torch.dtype) -> int:
     return torch.onnx.JitScalarType.from_dtype(dtype).onnx_type()
 
 
-@parse_args("v", "v", "v", "v", "v", "v", "f")
-def fold_conv_bn_symbolic(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
-    return _fold(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+@parse_args("v", "v", "v", "v", "v", "v", "f", "b", "i")
+def fold_conv_bn_symbolic(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                          transposed=False, groups=1):
+    return _fold(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, transposed, groups)
 
 
-@parse_args("v", "v", "v", "v", "v", "v", "v", "is", "is", "is", "i", "f")
+@parse_args("v", "v", "v", "v", "v", "v", "v", "is", "is", "is", "i", "f", "b", "is")
 def conv_bn_eval_symbolic(g, input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                          stride, padding, dilation, groups, eps):
-    folded_weight, folded_bias = _fold(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+                          stride, padding, dilation, groups, eps, transposed=False, output_padding=None):
+    folded_weight, folded_bias = _fold(
+        g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, transposed, groups)
     attributes = {"strides_i": stride, "pads_i": padding + padding, "dilations_i": dilation, "group_i": groups}
     weight_sizes = weight.type().sizes() if isinstance(weight.type(), _C.TensorType) else None
     if weight_sizes is not None:
         attributes["kernel_shape_i"] = weight_sizes[2:]
+    if transposed:
+        if output_padding and any(output_padding):
+            attributes["output_padding_i"] = output_padding
+        return g.op("ConvTranspose", input, folded_weight, folded_bias, **attributes)
     return g.op("Conv", input, folded_weight, folded_bias, **attributes)
 
 
@@ -205,12 +229,18 @@ def _batch_norm_inference(op, output, weight, bn_weight, bn_bias, running_mean, 
 
 
 def conv_bn_eval_translation(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                             stride, padding, dilation, groups, eps):
-    """convbn::conv_bn_eval as Conv then BatchNormalization: one Conv with
-    the folded weight and bias once the exporter has optimized the graph."""
+                             stride, padding, dilation, groups, eps, transposed=False, output_padding=()):
+    """convbn::conv_bn_eval as Conv (ConvTranspose) then BatchNormalization:
+    one Conv with the folded weight and bias once the exporter has optimized
+    the graph."""
     op = _onnxscript_opset()
-    output = op.Conv(*_present(input, weight, bias), strides=list(stride), pads=list(padding) * 2,
-                     dilations=list(dilation), group=groups)
+    if transposed:
+        extra = {"output_padding": list(output_padding)} if any(output_padding) else {}
+        output = op.ConvTranspose(*_present(input, weight, bias), strides=list(stride), pads=list(padding) * 2,
+                                  dilations=list(dilation), group=groups, **extra)
+    else:
+        output = op.Conv(*_present(input, weight, bias), strides=list(stride), pads=list(padding) * 2,
+                         dilations=list(dilation), group=groups)
     return _batch_norm_inference(op, output, weight, bn_weight, bn_bias, running_mean, running_var, eps)
 
 

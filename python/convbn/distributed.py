@@ -1,4 +1,5 @@
-"""convbn.SyncConvBN2d and convbn.SyncLinearBN1d: ConvBN2d and LinearBN1d
+"""convbn.SyncConvBN2d (and SyncConvBN1d/3d, SyncConvTransposeBN1d/2d/3d)
+and convbn.SyncLinearBN1d: the conv + batch norm modules and LinearBN1d
 whose training statistics are those of the whole batch spread over the
 processes of a torch.distributed group, as nn.SyncBatchNorm computes them;
 and convbn.convert_sync_batchnorm, which converts a model's ConvBN2d and
@@ -16,7 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .modules import ConvBN2d, LinearBN1d
+from .modules import (
+    ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d, LinearBN1d,
+    _conv_arguments,
+)
 
 
 def synchronizing_group(
@@ -73,8 +77,9 @@ class _Synchronized:
         return super().extra_repr() + ("" if self.process_group is None else ", process_group=...")
 
 
-class SyncConvBN2d(_Synchronized, ConvBN2d):
-    """ConvBN2d with synchronized batch statistics: in training, every rank of
+class _SyncConvBNNd(_Synchronized):
+    """A conv + batch norm module (ConvBN1d/2d/3d, ConvTransposeBN1d/2d/3d)
+    with synchronized batch statistics: in training, every rank of
     `process_group` (default: the whole world) normalizes with the mean and
     variance of all ranks' batches together, as if one process had run the
     concatenated batch. Per-rank batch sizes may differ, and a rank's batch
@@ -84,13 +89,46 @@ class SyncConvBN2d(_Synchronized, ConvBN2d):
     statistics with the group's statistics, so they stay identical.
 
     In eval mode, with one rank, or without an initialized torch.distributed,
-    it is exactly ConvBN2d and does not communicate. Every rank of the group
-    must call forward (and backward) the same number of times, as with
-    nn.SyncBatchNorm. TorchScript compiles the unsynchronized ConvBN2d
+    it is exactly the unsynchronized module and does not communicate. Every
+    rank of the group must call forward (and backward) the same number of
+    times, as with nn.SyncBatchNorm. TorchScript compiles the unsynchronized
     behaviour: script a model for deployment, not for distributed training.
 
-    Arguments are ConvBN2d's, plus process_group, as nn.SyncBatchNorm's.
-    """
+    Arguments are the unsynchronized module's, plus process_group (keyword),
+    as nn.SyncBatchNorm's. Subclasses name the module they synchronize in
+    _unsynchronized."""
+
+    _unsynchronized: type
+
+    def __init__(self, *args, process_group: Optional[dist.ProcessGroup] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    @classmethod
+    def from_conv_bn(cls, module: nn.Module, process_group: Optional[dist.ProcessGroup] = None):
+        """The synchronized module with module's hyper-parameters that shares
+        its parameters and buffers, in its train/eval mode."""
+        if type(module) is not cls._unsynchronized:
+            raise TypeError(
+                f"convbn: {cls.__name__}.from_conv_bn expects a {cls._unsynchronized.__name__}, "
+                f"got {type(module).__name__}"
+            )
+        sync = cls(
+            **_conv_arguments(module), eps=module.eps, momentum=module.momentum, affine=module.affine,
+            track_running_stats=module.track_running_stats, memory_efficient=module.memory_efficient,
+            process_group=process_group, device="meta",
+        )
+        sync._share_state_of(module)
+        return sync
+
+
+class SyncConvBN2d(_SyncConvBNNd, ConvBN2d):
+    """ConvBN2d with synchronized batch statistics (see _SyncConvBNNd:
+    training normalizes with the statistics of all ranks of process_group,
+    as nn.SyncBatchNorm does). Arguments are ConvBN2d's, plus process_group,
+    as nn.SyncBatchNorm's."""
+
+    _unsynchronized = ConvBN2d
 
     def __init__(
         self,
@@ -115,24 +153,46 @@ class SyncConvBN2d(_Synchronized, ConvBN2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, eps, momentum, affine, track_running_stats, memory_efficient,
-            device=device, dtype=dtype,
+            process_group=process_group, device=device, dtype=dtype,
         )
-        self.process_group = process_group
 
-    @classmethod
-    def from_conv_bn(cls, module: ConvBN2d, process_group: Optional[dist.ProcessGroup] = None) -> "SyncConvBN2d":
-        """A SyncConvBN2d with module's hyper-parameters that shares its
-        parameters and buffers, in its train/eval mode."""
-        if type(module) is not ConvBN2d:
-            raise TypeError(f"convbn: from_conv_bn expects a ConvBN2d, got {type(module).__name__}")
-        sync = cls(
-            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-            module.dilation, module.groups, module.bias is not None, module.padding_mode, module.eps,
-            module.momentum, module.affine, module.track_running_stats, module.memory_efficient,
-            process_group, device="meta",
-        )
-        sync._share_state_of(module)
-        return sync
+
+class SyncConvBN1d(_SyncConvBNNd, ConvBN1d):
+    """ConvBN1d with synchronized batch statistics, as SyncConvBN2d."""
+
+    _unsynchronized = ConvBN1d
+
+
+class SyncConvBN3d(_SyncConvBNNd, ConvBN3d):
+    """ConvBN3d with synchronized batch statistics, as SyncConvBN2d."""
+
+    _unsynchronized = ConvBN3d
+
+
+class SyncConvTransposeBN1d(_SyncConvBNNd, ConvTransposeBN1d):
+    """ConvTransposeBN1d with synchronized batch statistics, as SyncConvBN2d."""
+
+    _unsynchronized = ConvTransposeBN1d
+
+
+class SyncConvTransposeBN2d(_SyncConvBNNd, ConvTransposeBN2d):
+    """ConvTransposeBN2d with synchronized batch statistics, as SyncConvBN2d."""
+
+    _unsynchronized = ConvTransposeBN2d
+
+
+class SyncConvTransposeBN3d(_SyncConvBNNd, ConvTransposeBN3d):
+    """ConvTransposeBN3d with synchronized batch statistics, as SyncConvBN2d."""
+
+    _unsynchronized = ConvTransposeBN3d
+
+
+# The synchronized module of each conv + batch norm module.
+_SYNCHRONIZED = {
+    cls._unsynchronized: cls
+    for cls in (SyncConvBN1d, SyncConvBN2d, SyncConvBN3d, SyncConvTransposeBN1d, SyncConvTransposeBN2d,
+                SyncConvTransposeBN3d)
+}
 
 
 class SyncLinearBN1d(_Synchronized, LinearBN1d):
@@ -178,7 +238,8 @@ class SyncLinearBN1d(_Synchronized, LinearBN1d):
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
-    """Replaces every ConvBN2d by a SyncConvBN2d and every LinearBN1d by a
+    """Replaces every ConvBN2d by a SyncConvBN2d (ConvBN1d/3d and
+    ConvTransposeBN1d/2d/3d by theirs) and every LinearBN1d by a
     SyncLinearBN1d that share its parameters and buffers, synchronizing over
     process_group (default: the whole world), like
     nn.SyncBatchNorm.convert_sync_batchnorm. Returns module (a new layer when
@@ -200,8 +261,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[dist.Proce
 def _convert(module: nn.Module, process_group, converted: dict) -> nn.Module:
     if id(module) in converted:
         return converted[id(module)]
-    if type(module) is ConvBN2d:
-        converted[id(module)] = SyncConvBN2d.from_conv_bn(module, process_group)
+    if type(module) in _SYNCHRONIZED:
+        converted[id(module)] = _SYNCHRONIZED[type(module)].from_conv_bn(module, process_group)
         return converted[id(module)]
     if type(module) is LinearBN1d:
         converted[id(module)] = SyncLinearBN1d.from_linear_bn(module, process_group)

@@ -1,5 +1,6 @@
-"""convbn.functional: F.conv2d followed by F.batch_norm (conv_bn), and
-F.linear followed by F.batch_norm (linear_bn), each as one operator."""
+"""convbn.functional: a convolution (F.conv1d/2d/3d or
+F.conv_transpose1d/2d/3d) followed by F.batch_norm (conv_bn), and F.linear
+followed by F.batch_norm (linear_bn), each as one operator."""
 
 import math
 from typing import Any, List, Optional, Tuple, Union
@@ -22,40 +23,86 @@ except ImportError:
     _detect_fake_mode = None
 
 
-def _pair(value: Union[int, Tuple[int, int]], name: str) -> List[int]:
+# What conv_bn's stride, padding, dilation and output_padding take (ints,
+# lists, and tuples of 1 to 3 ints); TorchScript needs each tuple size named.
+_Ints = Union[int, List[int], Tuple[int], Tuple[int, int], Tuple[int, int, int]]
+
+
+def _pair(value: _Ints, name: str) -> List[int]:
+    return _ntuple(value, 2, name)
+
+
+_DIMENSIONS = {1: "one int", 2: "a pair of ints", 3: "a triple of ints"}
+
+
+def _ntuple(value: _Ints, n: int, name: str) -> List[int]:
+    """An int, or a sequence of one or n ints, as nn.Conv1d/2d/3d take them:
+    n values, one per spatial dimension."""
     if torch.jit.is_scripting():  # the types are checked when scripting
         if isinstance(value, int):
-            return [value, value]
-        return [value[0], value[1]]
-    return _pair_of_anything(value, name)
+            return [value] * n
+        elif isinstance(value, List[int]):
+            values = value
+        elif isinstance(value, Tuple[int]):
+            values = [value[0]]
+        elif isinstance(value, Tuple[int, int]):
+            values = [value[0], value[1]]
+        else:
+            values = [value[0], value[1], value[2]]
+        if len(values) == 1:
+            return [values[0]] * n
+        if len(values) != n:
+            raise ValueError("convbn: `" + name + "` must be an int or " + str(n) + " ints")
+        return values
+    return _ntuple_of_anything(value, n, name)
 
 
 @torch.jit.unused
-def _pair_of_anything(value: Any, name: str) -> List[int]:
-    """An int, or a sequence of one or two (tuple, list, torch.Size), as
-    nn.Conv2d takes them."""
+def _ntuple_of_anything(value: Any, n: int, name: str) -> List[int]:
     if isinstance(value, int):
-        return [value, value]
+        return [value] * n
     values = list(value)
     if len(values) == 1:
-        return [int(values[0])] * 2
-    if len(values) != 2:
-        raise ValueError(f"convbn: `{name}` must be an int or a pair of ints, got {value!r}")
+        return [int(values[0])] * n
+    if len(values) != n:
+        raise ValueError(f"convbn: `{name}` must be an int or {_DIMENSIONS.get(n, f'{n} ints')}, got {value!r}")
     return [int(v) for v in values]
 
 
 def same_padding(kernel_size: List[int], dilation: List[int]) -> Tuple[List[int], List[int]]:
-    """padding='same' as nn.Conv2d does it: the total padding of each
+    """padding='same' as nn.Conv1d/2d/3d do it: the total padding of each
     dimension is dilation * (kernel - 1); when it is odd the extra row/column
-    goes to the bottom/right. Returns (symmetric padding for the conv,
-    extra F.pad amounts (left, right, top, bottom) for the odd remainder)."""
-    symmetric, extra = [0, 0], [0, 0, 0, 0]
-    for i in range(2):
+    goes to the end (bottom/right). Returns (symmetric padding for the conv,
+    extra F.pad amounts for the odd remainder, last dimension first:
+    (W_left, W_right, H_top, H_bottom, ...))."""
+    n = len(kernel_size)
+    symmetric, extra = [0] * n, [0] * (2 * n)
+    for i in range(n):
         total = dilation[i] * (kernel_size[i] - 1)
         symmetric[i] = total // 2
-        # F.pad lists the last dimension first: (W_left, W_right, H_top, H_bottom).
-        extra[2 * (1 - i) + 1] = total - 2 * (total // 2)
+        extra[2 * (n - 1 - i) + 1] = total - 2 * (total // 2)
     return symmetric, extra
+
+
+def _convolution(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+    dilation: List[int], groups: int, transposed: bool, output_padding: List[int],
+) -> Tensor:
+    """The conv of the nn layer the operators stand for (F.conv2d, F.conv_transpose3d, ...): what
+    the paths that compute nn's pair call (ONNX export, empty batches)."""
+    if transposed:
+        return torch.convolution(input, weight, bias, stride, padding, dilation, True, output_padding, groups)
+    if weight.dim() == 3:
+        return F.conv1d(input, weight, bias, stride, padding, dilation, groups)
+    if weight.dim() == 5:
+        return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
+    return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def _output_padding_list(output_padding: Optional[List[int]], n: int) -> List[int]:
+    if output_padding is None:
+        return [0] * n
+    return output_padding
 
 
 @torch.jit.unused
@@ -97,15 +144,21 @@ def conv_bn(
     training: bool = True,
     momentum: Optional[float] = 0.1,
     eps: float = 1e-5,
-    stride: Union[int, Tuple[int, int]] = 1,
-    padding: Union[int, Tuple[int, int], str] = 0,
-    dilation: Union[int, Tuple[int, int]] = 1,
+    stride: _Ints = 1,
+    padding: Union[_Ints, str] = 0,
+    dilation: _Ints = 1,
     groups: int = 1,
     memory_efficient: bool = True,
+    transposed: bool = False,
+    output_padding: _Ints = 0,
 ) -> Tensor:
     """``F.batch_norm(F.conv2d(input, weight, bias, stride, padding, dilation,
     groups), running_mean, running_var, bn_weight, bn_bias, training,
     momentum, eps)``, computed as one operator.
+
+    The convolution is 1-, 2- or 3-D as weight is (3-, 4- or 5-D: conv1d,
+    conv2d, conv3d), and transposed=True makes it F.conv_transpose1d/2d/3d
+    with output_padding (weight (in_channels, out_channels / groups, k...)).
 
     training=True normalizes with the batch statistics and, when
     running_mean/running_var are given, updates them in place afterwards
@@ -118,26 +171,38 @@ def conv_bn(
     statistics for backward, and recomputes the convolution there;
     False keeps the conv output and skips the recompute.
     """
-    stride_ = _pair(stride, "stride")
-    dilation_ = _pair(dilation, "dilation")
+    n = weight.dim() - 2
+    if not 1 <= n <= 3:
+        raise ValueError(
+            f"convbn: `weight` must be a 3-, 4- or 5-D conv weight (a 1-, 2- or 3-D convolution), "
+            f"got shape {list(weight.shape)}"
+        )
+    stride_ = _ntuple(stride, n, "stride")
+    dilation_ = _ntuple(dilation, n, "dilation")
+    output_padding_ = _ntuple(output_padding, n, "output_padding")
     if isinstance(padding, str):
         if padding == "valid":
-            padding_ = [0, 0]
+            padding_ = [0] * n
         elif padding == "same":
-            if stride_ != [1, 1]:
+            if transposed:
+                raise ValueError("convbn: padding='same' is not supported for transposed convolutions")
+            if stride_ != [1] * n:
                 raise ValueError("convbn: padding='same' is not supported for strided convolutions")
-            padding_, extra = same_padding(weight.shape[2:], dilation_)
+            padding_, extra = same_padding(list(weight.shape[2:]), dilation_)
             if any(extra):
                 input = F.pad(input, extra)
         else:
-            raise ValueError("convbn: `padding` must be an int, a pair, 'same' or 'valid', got '" + padding + "'")
+            raise ValueError("convbn: `padding` must be an int, a tuple, 'same' or 'valid', got '" + padding + "'")
     else:
-        padding_ = _pair(padding, "padding")
+        padding_ = _ntuple(padding, n, "padding")
+    if not transposed and any(output_padding_):
+        raise ValueError("convbn: output_padding applies to transposed convolutions only (transposed=True)")
     check_momentum(momentum)
 
     return _conv_bn_prepared(
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
         training, momentum, eps, stride_, padding_, dilation_, groups, memory_efficient,
+        transposed=transposed, output_padding=output_padding_,
     )
 
 
@@ -160,9 +225,12 @@ def _conv_bn_prepared(
     memory_efficient: bool,
     group_name: Optional[str] = None,
     group_size: int = 1,
+    transposed: bool = False,
+    output_padding: Optional[List[int]] = None,
 ) -> Tensor:
-    """conv_bn with stride, padding and dilation already as [h, w] lists and
-    any 'same' padding already applied: what ConvBN2d.forward calls. It is
+    """conv_bn with stride, padding, dilation and output_padding already as
+    lists of one value per spatial dimension and any 'same' padding already
+    applied: what the ConvBN modules' forward calls. It is
     TorchScript-compatible, so scripted models call the operators directly.
 
     With group_name (SyncConvBN2d), training uses the batch statistics of
@@ -171,6 +239,7 @@ def _conv_bn_prepared(
     rank."""
     if not torch.jit.is_scripting():
         _refuse_functorch_differentiation()
+    output_padding_ = _output_padding_list(output_padding, len(stride))
     if not training:
         mean, var = _eval_statistics(running_mean, running_var)
         if not torch.jit.is_scripting() and _is_in_dynamo_onnx_export():
@@ -179,11 +248,11 @@ def _conv_bn_prepared(
             # conv_bn_eval as a Mul on weights over its optimizer's constant
             # folding limit (8192 elements).
             return F.batch_norm(
-                F.conv2d(input, weight, bias, stride, padding, dilation, groups), mean, var, bn_weight, bn_bias,
-                False, 0.0, eps)
+                _convolution(input, weight, bias, stride, padding, dilation, groups, transposed, output_padding_),
+                mean, var, bn_weight, bn_bias, False, 0.0, eps)
         return torch.ops.convbn.conv_bn_eval(
             input, weight, bias, bn_weight, bn_bias, mean, var,
-            stride, padding, dilation, groups, eps,
+            stride, padding, dilation, groups, eps, transposed, output_padding_,
         )
 
     _check_statistics(running_mean, running_var, num_batches_tracked, momentum)
@@ -193,24 +262,24 @@ def _conv_bn_prepared(
         # cannot be exported.
         _refuse_onnx_export_of_updates("ConvBN2d", "conv_bn", running_mean, group_name)
         return F.batch_norm(
-            F.conv2d(input, weight, bias, stride, padding, dilation, groups), None, None, bn_weight, bn_bias,
-            True, 0.0, eps)
+            _convolution(input, weight, bias, stride, padding, dilation, groups, transposed, output_padding_),
+            None, None, bn_weight, bn_bias, True, 0.0, eps)
     if group_name is None and _is_empty_batch(input):
         # nn's pair on an empty batch: an empty output, zero gradients, the
         # running statistics as they were, num_batches_tracked counted.
         return _empty_batch(
-            F.conv2d(input, weight, bias, stride, padding, dilation, groups), running_mean, running_var,
-            num_batches_tracked, bn_weight, bn_bias, eps)
+            _convolution(input, weight, bias, stride, padding, dilation, groups, transposed, output_padding_),
+            running_mean, running_var, num_batches_tracked, bn_weight, bn_bias, eps)
     if group_name is None:
         output, save_mean, save_invstd, _ = torch.ops.convbn.conv_bn_train(
             input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
-            memory_efficient,
+            memory_efficient, transposed, output_padding_,
         )
-        count = output.shape[0] * output.shape[2] * output.shape[3]
+        count = output.numel() // output.shape[1]  # values per channel
     else:
         output, save_mean, save_invstd, _, group_count = torch.ops.convbn.sync_conv_bn_train(
             input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
-            group_name, group_size, memory_efficient,
+            group_name, group_size, memory_efficient, transposed, output_padding_,
         )
         count = int(group_count.item())
     _update_statistics(

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .modules import (
-    _BATCH_NORM_NAMES, _BN_ATTRIBUTES, ConvBN2d, LinearBN1d, _FusedBatchNorm, _share_tensor,
+    _BATCH_NORM_NAMES, _BN_ATTRIBUTES, CONV_BN_TYPES, ConvBN2d, LinearBN1d, _FusedBatchNorm, _share_tensor,
     default_num_batches_tracked,
 )
 
@@ -47,7 +47,7 @@ _log = logging.getLogger("convbn.fuse")
 
 # The pairs fuse converts: (layer type, batch norm type) -> fused type. Exact
 # types only: a subclass may have its own forward.
-_FUSED_TYPE = {(nn.Conv2d, nn.BatchNorm2d): ConvBN2d, (nn.Linear, nn.BatchNorm1d): LinearBN1d}
+_FUSED_TYPE = {**CONV_BN_TYPES, (nn.Linear, nn.BatchNorm1d): LinearBN1d}
 _LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 # A batch norm's state_dict keys and the fused module's attribute for each.
@@ -494,6 +494,8 @@ def _calls_reason(layer_calls, bn_calls, owner, layer, bn) -> Optional[str]:
     """None when every call of layer feeds only bn, as bn's sole argument, and
     every call of bn takes such an output; else what breaks that."""
     for node in layer_calls:
+        if len(node.args) + len(node.kwargs) != 1:
+            return "the layer is called with more than its input (a transposed conv's output_size)"
         users = list(node.users)
         if len(users) != 1:
             others = [u.name for u in users if owner.get(u) is not bn] or [u.name for u in users]
@@ -516,10 +518,13 @@ def _module_reason(layer: nn.Module, bn: nn.Module) -> Optional[str]:
     """Why this layer/batch norm pair cannot become a fused module, or None."""
     fused_type = _FUSED_TYPE.get((type(layer), type(bn)))
     if fused_type is None:
-        if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d):
-            return f"the batch norm is a {type(bn).__name__}, not nn.BatchNorm1d/2d (a subclass may have its own forward)"
-        if type(layer) not in (nn.Conv2d, nn.Linear):
-            return f"the layer is a {type(layer).__name__}; fuse converts nn.Conv2d -> nn.BatchNorm2d and nn.Linear -> nn.BatchNorm1d"
+        if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+            return (f"the batch norm is a {type(bn).__name__}, not nn.BatchNorm1d/2d/3d (a subclass may have its "
+                    "own forward)")
+        if type(layer) not in {conv for conv, _ in _FUSED_TYPE}:
+            return (f"the layer is a {type(layer).__name__}; fuse converts nn.Conv1d/2d/3d and "
+                    "nn.ConvTranspose1d/2d/3d followed by the batch norm of their rank, and nn.Linear -> "
+                    "nn.BatchNorm1d")
         return f"{type(layer).__name__} -> {type(bn).__name__} is not a pair fuse converts"
     for what, m in (("layer", layer), ("batch norm", bn)):
         for hooks in _HOOK_DICTS + ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
@@ -533,7 +538,7 @@ def _module_reason(layer: nn.Module, bn: nn.Module) -> Optional[str]:
             return f"the {what} holds more than its standard tensors ({', '.join(sorted(extra))})"
         if m._non_persistent_buffers_set:
             return f"the {what} has non-persistent buffers ({', '.join(sorted(m._non_persistent_buffers_set))})"
-    channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if channels != bn.num_features:
         return f"the layer has {channels} output channels but the batch norm num_features={bn.num_features}"
     if not (isinstance(bn.eps, (int, float)) and math.isfinite(bn.eps) and bn.eps > 0):

@@ -1,5 +1,7 @@
-"""convbn.ConvBN2d (nn.Conv2d followed by nn.BatchNorm2d) and
-convbn.LinearBN1d (nn.Linear followed by nn.BatchNorm1d), each one operator."""
+"""convbn.ConvBN1d/2d/3d (nn.Conv1d/2d/3d followed by nn.BatchNorm1d/2d/3d),
+convbn.ConvTransposeBN1d/2d/3d (nn.ConvTranspose1d/2d/3d followed by the
+batch norm) and convbn.LinearBN1d (nn.Linear followed by nn.BatchNorm1d),
+each one operator."""
 
 import math
 from typing import List, Optional, Tuple, Union
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import (
-    _conv_bn_prepared, _is_fx_tracing, _is_in_onnx_export, _linear_bn_prepared, _pair, _refuse_onnx_export_of_updates,
+    _conv_bn_prepared, _is_fx_tracing, _is_in_onnx_export, _linear_bn_prepared, _ntuple, _refuse_onnx_export_of_updates,
     check_momentum, same_padding,
 )
 
@@ -150,7 +152,293 @@ class _FusedBatchNorm(nn.Module):
         bn.train(self.training)
 
 
-class ConvBN2d(_FusedBatchNorm):
+class _ConvBNNd(_FusedBatchNorm):
+    """What every conv + batch norm module shares, whatever its rank and
+    whether its conv is transposed: one operator family (conv_bn_train,
+    conv_bn_eval, ...) with aten::convolution's arguments serves them all.
+    Subclasses set the class attributes below and the constructor's
+    signature (the pair's)."""
+
+    _spatial_dims = 2
+    _transposed = False
+    _conv_type: type = nn.Conv2d
+    _bn_type: type = nn.BatchNorm2d
+
+    __constants__ = [
+        "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+        "groups", "padding_mode", "eps", "momentum", "affine", "track_running_stats",
+        "memory_efficient", "transposed", "output_padding", "_input_dim", "_input_expected",
+    ]
+
+    def _init_conv_bn(
+        self, in_channels: int, out_channels: int, kernel_size, stride, padding, output_padding, dilation,
+        groups: int, bias: bool, padding_mode: str, eps: float, momentum: Optional[float], affine: bool,
+        track_running_stats: bool, memory_efficient: bool, device, dtype,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        n = self._spatial_dims
+        if groups <= 0:
+            raise ValueError(f"convbn: groups must be a positive integer, got {groups}")
+        if in_channels % groups != 0:
+            raise ValueError(f"convbn: in_channels ({in_channels}) must be divisible by groups ({groups})")
+        if out_channels % groups != 0:
+            raise ValueError(f"convbn: out_channels ({out_channels}) must be divisible by groups ({groups})")
+        modes = ("zeros",) if self._transposed else _PADDING_MODES
+        if padding_mode not in modes:
+            raise ValueError(
+                f"convbn: padding_mode must be one of {modes} for {type(self).__name__}, got {padding_mode!r}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.transposed = self._transposed
+        # For forward's check of the input (TorchScript reads instance attributes).
+        self._input_dim = n + 2
+        self._input_expected = (
+            f"convbn: {type(self).__name__} expected a {n + 2}-D input {_INPUT_SHAPES[n + 2]}"
+        )
+        self.kernel_size = tuple(_ntuple(kernel_size, n, "kernel_size"))
+        self.stride = tuple(_ntuple(stride, n, "stride"))
+        self.dilation = tuple(_ntuple(dilation, n, "dilation"))
+        self.output_padding = tuple(_ntuple(output_padding, n, "output_padding"))
+        if isinstance(padding, str):
+            if padding not in ("same", "valid") or self._transposed:
+                forms = "an int or a tuple" if self._transposed else "an int, a tuple, 'same' or 'valid'"
+                raise ValueError(f"convbn: padding must be {forms} for {type(self).__name__}, got {padding!r}")
+            if padding == "same" and self.stride != (1,) * n:
+                raise ValueError("convbn: padding='same' is not supported for strided convolutions")
+            self.padding = padding
+        else:
+            self.padding = tuple(_ntuple(padding, n, "padding"))
+        if self._transposed:
+            for op, s, d in zip(self.output_padding, self.stride, self.dilation):
+                if not 0 <= op < max(s, d):
+                    raise ValueError(
+                        f"convbn: output_padding {self.output_padding} must be smaller than either the stride "
+                        f"{self.stride} or the dilation {self.dilation} in each dimension"
+                    )
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.memory_efficient = memory_efficient
+
+        # How the input is padded before the conv: (F.pad amounts, mode) and
+        # the symmetric padding the conv itself applies, as nn.Conv2d does.
+        self._conv_padding, self._input_pad = self._plan_padding()
+        # The conv's arguments as lists, the type the operators take.
+        self._stride = list(self.stride)
+        self._dilation = list(self.dilation)
+        self._output_padding = list(self.output_padding)
+
+        weight_shape = ((in_channels, out_channels // groups) if self._transposed
+                        else (out_channels, in_channels // groups))
+        self.weight = nn.Parameter(torch.empty((*weight_shape, *self.kernel_size), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self._init_batch_norm(out_channels, eps, momentum, affine, track_running_stats, factory)
+        self.reset_parameters()
+
+    def _plan_padding(self) -> Tuple[List[int], List[int]]:
+        n = self._spatial_dims
+        if self.padding == "valid":
+            return [0] * n, [0] * (2 * n)
+        if self.padding == "same":
+            symmetric, extra = same_padding(list(self.kernel_size), list(self.dilation))
+        else:
+            symmetric, extra = list(self.padding), [0] * (2 * n)
+        if self.padding_mode == "zeros":
+            return symmetric, extra
+        # Non-zero padding modes pad the input explicitly and convolve with
+        # no padding, as nn.Conv2d does; F.pad lists the last dimension
+        # first: (W_left, W_right, H_top, H_bottom, ...).
+        pad = []
+        for i in reversed(range(n)):
+            j = 2 * (n - 1 - i)
+            pad += [symmetric[i] + extra[j], symmetric[i] + extra[j + 1]]
+        return [0] * n, pad
+
+    def forward(self, input: Tensor) -> Tensor:
+        # TorchScript compiles this method: it sticks to typed attributes
+        # (lists, Optional tensors, constants) and calls the operators through
+        # functional._conv_bn_prepared.
+        return self._normalize(self._checked_input(input))
+
+    def _checked_input(self, input: Tensor) -> Tensor:
+        """input, checked, with the padding the conv does not apply itself
+        (non-zero padding modes, the odd remainder of 'same')."""
+        fx_tracing = not torch.jit.is_scripting() and _is_fx_tracing()
+        if not fx_tracing and input.dim() != self._input_dim:
+            hint = " (add the batch dimension with input.unsqueeze(0))" if input.dim() == self._input_dim - 1 else ""
+            raise ValueError(
+                f"{self._input_expected}, got a {input.dim()}-D input of shape {list(input.shape)}{hint}"
+            )
+        if any(self._input_pad):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            input = F.pad(input, self._input_pad, mode=mode)
+        return input
+
+    def _normalize(self, input: Tensor, group_name: Optional[str] = None, group_size: int = 1) -> Tensor:
+        """conv + batch norm of the padded input; in training with the batch
+        statistics of the process group group_name when given
+        (the Sync* variants), else of this process's batch."""
+        use_batch_stats, running_mean, running_var, num_batches_tracked = self._statistics()
+        if use_batch_stats and not torch.jit.is_scripting() and _is_in_onnx_export():
+            # _conv_bn_prepared refuses too, but does not know the layer's class (SyncConvBN2d).
+            _refuse_onnx_export_of_updates(type(self).__name__, "conv_bn", running_mean, group_name)
+        output = _conv_bn_prepared(
+            input, self.weight, self.bias, self.bn_weight, self.bn_bias,
+            running_mean, running_var, num_batches_tracked, use_batch_stats, self.momentum, self.eps,
+            self._stride, self._conv_padding, self._dilation, self.groups, self.memory_efficient,
+            group_name, group_size, self.transposed, self._output_padding,
+        )
+        return output
+
+    def extra_repr(self) -> str:
+        n = self._spatial_dims
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding!r}")
+        if self.output_padding != (0,) * n:
+            s += f", output_padding={self.output_padding}"
+        if self.dilation != (1,) * n:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is not None:
+            s += ", bias=True"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + self._batch_norm_repr()
+
+    @classmethod
+    def from_modules(cls, conv: nn.Module, bn: nn.Module, memory_efficient: bool = True) -> "_ConvBNNd":
+        """A module of this class holding copies of conv's and bn's
+        parameters, buffers and hyper-parameters; it computes what
+        bn(conv(x)) computes, and starts in bn's train/eval mode."""
+        if type(conv) is not cls._conv_type:
+            raise TypeError(
+                f"convbn: {cls.__name__}.from_modules expects an nn.{cls._conv_type.__name__}, "
+                f"got {type(conv).__name__}"
+            )
+        if not isinstance(bn, cls._bn_type):
+            raise TypeError(
+                f"convbn: {cls.__name__}.from_modules expects an nn.{cls._bn_type.__name__}, "
+                f"got {type(bn).__name__}"
+            )
+        if conv.out_channels != bn.num_features:
+            raise ValueError(
+                f"convbn: the conv has {conv.out_channels} output channels but the batch norm has "
+                f"num_features={bn.num_features}"
+            )
+        return cls._holding(conv, bn, memory_efficient, _copy_tensor)
+
+    @classmethod
+    def _holding(cls, conv: nn.Module, bn: nn.Module, memory_efficient: bool, take) -> "_ConvBNNd":
+        """The module for (conv, bn), holding take(tensor) of each of theirs."""
+        fused = cls(
+            **_conv_arguments(conv), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+            track_running_stats=bn.track_running_stats, memory_efficient=memory_efficient, device="meta",
+        )
+        fused.weight, fused.bias = take(conv.weight), take(conv.bias)
+        fused._take_batch_norm_from(bn, take)
+        return fused
+
+    def to_modules(self) -> Tuple[nn.Module, nn.Module]:
+        """(the conv, the batch norm) (nn.Conv2d and nn.BatchNorm2d for a
+        ConvBN2d, ...) holding copies of this module's parameters, buffers
+        and hyper-parameters, in its train/eval mode."""
+        return self._split(_copy_tensor)
+
+    def _split(self, take) -> Tuple[nn.Module, nn.Module]:
+        conv = self._conv_type(**_conv_arguments(self), device="meta")
+        bn = self._bn_type(
+            self.out_channels, self.eps, self.momentum, self.affine, self.track_running_stats,
+            device="meta",
+        )
+        conv.weight, conv.bias = take(self.weight), take(self.bias)
+        conv.train(self.training)
+        self._give_batch_norm_to(bn, take)
+        return conv, bn
+
+
+_INPUT_SHAPES = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+
+
+def _conv_arguments(conv: nn.Module) -> dict:
+    """The constructor arguments a conv (nn.Conv2d, nn.ConvTranspose3d, ...)
+    and its fused module share, read from either."""
+    args = dict(
+        in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        bias=conv.bias is not None, padding_mode=conv.padding_mode,
+    )
+    if conv.transposed:
+        args["output_padding"] = conv.output_padding
+    return args
+
+
+class _ConvBN(_ConvBNNd):
+    """The constructor of nn.ConvNd's arguments, then nn.BatchNormNd's."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Tuple[int, ...]],
+        stride: Union[int, Tuple[int, ...]] = 1,
+        padding: Union[int, Tuple[int, ...], str] = 0,
+        dilation: Union[int, Tuple[int, ...]] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        memory_efficient: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self._init_conv_bn(
+            in_channels, out_channels, kernel_size, stride, padding, 0, dilation, groups, bias, padding_mode,
+            eps, momentum, affine, track_running_stats, memory_efficient, device, dtype,
+        )
+
+
+class _ConvTransposeBN(_ConvBNNd):
+    """The constructor of nn.ConvTransposeNd's arguments (in their order:
+    output_padding, groups, bias, dilation), then nn.BatchNormNd's."""
+
+    _transposed = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Tuple[int, ...]],
+        stride: Union[int, Tuple[int, ...]] = 1,
+        padding: Union[int, Tuple[int, ...]] = 0,
+        output_padding: Union[int, Tuple[int, ...]] = 0,
+        groups: int = 1,
+        bias: bool = False,
+        dilation: Union[int, Tuple[int, ...]] = 1,
+        padding_mode: str = "zeros",
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        memory_efficient: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self._init_conv_bn(
+            in_channels, out_channels, kernel_size, stride, padding, output_padding, dilation, groups, bias,
+            padding_mode, eps, momentum, affine, track_running_stats, memory_efficient, device, dtype,
+        )
+
+
+class ConvBN2d(_ConvBN):
     """``nn.Sequential(nn.Conv2d(...), nn.BatchNorm2d(out_channels, ...))`` as
     one operator, with the same arguments, numbers, train/eval behaviour and
     running statistics as that pair.
@@ -170,186 +458,69 @@ class ConvBN2d(_FusedBatchNorm):
     torch.compile(fullgraph=True) and export with torch.export.
     """
 
-    __constants__ = [
-        "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-        "groups", "padding_mode", "eps", "momentum", "affine", "track_running_stats",
-        "memory_efficient",
-    ]
+    _spatial_dims = 2
+    _conv_type = nn.Conv2d
+    _bn_type = nn.BatchNorm2d
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Union[int, Tuple[int, int]],
-        stride: Union[int, Tuple[int, int]] = 1,
-        padding: Union[int, Tuple[int, int], str] = 0,
-        dilation: Union[int, Tuple[int, int]] = 1,
-        groups: int = 1,
-        bias: bool = False,
-        padding_mode: str = "zeros",
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        memory_efficient: bool = True,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        if groups <= 0:
-            raise ValueError(f"convbn: groups must be a positive integer, got {groups}")
-        if in_channels % groups != 0:
-            raise ValueError(f"convbn: in_channels ({in_channels}) must be divisible by groups ({groups})")
-        if out_channels % groups != 0:
-            raise ValueError(f"convbn: out_channels ({out_channels}) must be divisible by groups ({groups})")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"convbn: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = tuple(_pair(kernel_size, "kernel_size"))
-        self.stride = tuple(_pair(stride, "stride"))
-        self.dilation = tuple(_pair(dilation, "dilation"))
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"convbn: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-            if padding == "same" and self.stride != (1, 1):
-                raise ValueError("convbn: padding='same' is not supported for strided convolutions")
-            self.padding = padding
-        else:
-            self.padding = tuple(_pair(padding, "padding"))
-        self.groups = groups
-        self.padding_mode = padding_mode
-        self.memory_efficient = memory_efficient
 
-        # How the input is padded before the conv: (F.pad amounts, mode) and
-        # the symmetric padding the conv itself applies, as nn.Conv2d does.
-        self._conv_padding, self._input_pad = self._plan_padding()
-        # The conv's arguments as lists, the type the operators take.
-        self._stride = list(self.stride)
-        self._dilation = list(self.dilation)
+class ConvBN1d(_ConvBN):
+    """``nn.Sequential(nn.Conv1d(...), nn.BatchNorm1d(out_channels, ...))`` on
+    (N, C, L) input as one operator: ConvBN2d's arguments, state_dict keys,
+    memory modes and eval folding, for one spatial dimension."""
 
-        self.weight = nn.Parameter(
-            torch.empty((out_channels, in_channels // groups, *self.kernel_size), **factory)
-        )
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self._init_batch_norm(out_channels, eps, momentum, affine, track_running_stats, factory)
-        self.reset_parameters()
+    _spatial_dims = 1
+    _conv_type = nn.Conv1d
+    _bn_type = nn.BatchNorm1d
 
-    def _plan_padding(self) -> Tuple[List[int], List[int]]:
-        if self.padding == "valid":
-            return [0, 0], [0, 0, 0, 0]
-        if self.padding == "same":
-            symmetric, extra = same_padding(self.kernel_size, self.dilation)
-        else:
-            symmetric, extra = list(self.padding), [0, 0, 0, 0]
-        if self.padding_mode == "zeros":
-            return symmetric, extra
-        # Non-zero padding modes pad the input explicitly and convolve with
-        # no padding, as nn.Conv2d does: (W_left, W_right, H_top, H_bottom).
-        pad = [symmetric[1], symmetric[1] + extra[1], symmetric[0], symmetric[0] + extra[3]]
-        return [0, 0], pad
 
-    def forward(self, input: Tensor) -> Tensor:
-        # TorchScript compiles this method: it sticks to typed attributes
-        # (lists, Optional tensors, constants) and calls the operators through
-        # functional._conv_bn_prepared.
-        return self._normalize(self._checked_input(input))
+class ConvBN3d(_ConvBN):
+    """``nn.Sequential(nn.Conv3d(...), nn.BatchNorm3d(out_channels, ...))`` on
+    (N, C, D, H, W) input as one operator: ConvBN2d's arguments, state_dict
+    keys, memory modes and eval folding, for three spatial dimensions."""
 
-    def _checked_input(self, input: Tensor) -> Tensor:
-        """input, checked, with the padding the conv does not apply itself
-        (non-zero padding modes, the odd remainder of 'same')."""
-        fx_tracing = not torch.jit.is_scripting() and _is_fx_tracing()
-        if not fx_tracing and input.dim() != 4:
-            hint = " (add the batch dimension with input.unsqueeze(0))" if input.dim() == 3 else ""
-            raise ValueError(
-                f"convbn: expected a 4-D input (N, C, H, W), got a {input.dim()}-D input of shape "
-                f"{list(input.shape)}{hint}"
-            )
-        if any(self._input_pad):
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            input = F.pad(input, self._input_pad, mode=mode)
-        return input
+    _spatial_dims = 3
+    _conv_type = nn.Conv3d
+    _bn_type = nn.BatchNorm3d
 
-    def _normalize(self, input: Tensor, group_name: Optional[str] = None, group_size: int = 1) -> Tensor:
-        """conv + batch norm of the padded input; in training with the batch
-        statistics of the process group group_name when given
-        (SyncConvBN2d), else of this process's batch."""
-        use_batch_stats, running_mean, running_var, num_batches_tracked = self._statistics()
-        if use_batch_stats and not torch.jit.is_scripting() and _is_in_onnx_export():
-            # _conv_bn_prepared refuses too, but does not know the layer's class (SyncConvBN2d).
-            _refuse_onnx_export_of_updates(type(self).__name__, "conv_bn", running_mean, group_name)
-        output = _conv_bn_prepared(
-            input, self.weight, self.bias, self.bn_weight, self.bn_bias,
-            running_mean, running_var, num_batches_tracked, use_batch_stats, self.momentum, self.eps,
-            self._stride, self._conv_padding, self._dilation, self.groups, self.memory_efficient,
-            group_name, group_size,
-        )
-        return output
 
-    def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}, padding={self.padding!r}")
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is not None:
-            s += ", bias=True"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        return s + self._batch_norm_repr()
+class ConvTransposeBN1d(_ConvTransposeBN):
+    """``nn.Sequential(nn.ConvTranspose1d(...), nn.BatchNorm1d(out_channels,
+    ...))`` on (N, C, L) input as one operator, with nn.ConvTranspose1d's
+    arguments (output_padding; padding_mode 'zeros'; weight of shape
+    (in_channels, out_channels / groups, k)). Eval mode folds the statistics
+    into the transposed conv's weight along its output channels. forward
+    takes no output_size: give the output_padding it implies instead."""
 
-    @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, memory_efficient: bool = True) -> "ConvBN2d":
-        """A ConvBN2d holding copies of conv's and bn's parameters, buffers and
-        hyper-parameters; it computes what bn(conv(x)) computes, and starts in
-        bn's train/eval mode."""
-        if type(conv) is not nn.Conv2d:
-            raise TypeError(f"convbn: from_modules expects an nn.Conv2d, got {type(conv).__name__}")
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"convbn: from_modules expects an nn.BatchNorm2d, got {type(bn).__name__}")
-        if conv.out_channels != bn.num_features:
-            raise ValueError(
-                f"convbn: the conv has {conv.out_channels} output channels but the batch norm has "
-                f"num_features={bn.num_features}"
-            )
-        return cls._holding(conv, bn, memory_efficient, _copy_tensor)
+    _spatial_dims = 1
+    _conv_type = nn.ConvTranspose1d
+    _bn_type = nn.BatchNorm1d
 
-    @classmethod
-    def _holding(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, memory_efficient: bool, take) -> "ConvBN2d":
-        """The module for (conv, bn), holding take(tensor) of each of theirs."""
-        fused = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, bn.eps,
-            bn.momentum, bn.affine, bn.track_running_stats, memory_efficient,
-            device="meta",
-        )
-        fused.weight, fused.bias = take(conv.weight), take(conv.bias)
-        fused._take_batch_norm_from(bn, take)
-        return fused
 
-    def to_modules(self) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:
-        """(nn.Conv2d, nn.BatchNorm2d) holding copies of this module's
-        parameters, buffers and hyper-parameters, in its train/eval mode."""
-        return self._split(_copy_tensor)
+class ConvTransposeBN2d(_ConvTransposeBN):
+    """``nn.Sequential(nn.ConvTranspose2d(...), nn.BatchNorm2d(out_channels,
+    ...))`` as one operator, as ConvTransposeBN1d for two spatial
+    dimensions."""
 
-    def _split(self, take) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta",
-        )
-        bn = nn.BatchNorm2d(
-            self.out_channels, self.eps, self.momentum, self.affine, self.track_running_stats,
-            device="meta",
-        )
-        conv.weight, conv.bias = take(self.weight), take(self.bias)
-        conv.train(self.training)
-        self._give_batch_norm_to(bn, take)
-        return conv, bn
+    _spatial_dims = 2
+    _conv_type = nn.ConvTranspose2d
+    _bn_type = nn.BatchNorm2d
+
+
+class ConvTransposeBN3d(_ConvTransposeBN):
+    """``nn.Sequential(nn.ConvTranspose3d(...), nn.BatchNorm3d(out_channels,
+    ...))`` as one operator, as ConvTransposeBN1d for three spatial
+    dimensions."""
+
+    _spatial_dims = 3
+    _conv_type = nn.ConvTranspose3d
+    _bn_type = nn.BatchNorm3d
+
+
+# Every conv + batch norm module, by its (conv type, batch norm type).
+CONV_BN_TYPES = {
+    (cls._conv_type, cls._bn_type): cls
+    for cls in (ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d)
+}
 
 
 class LinearBN1d(_FusedBatchNorm):

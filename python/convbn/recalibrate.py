@@ -8,10 +8,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .distributed import SyncConvBN2d, SyncLinearBN1d, synchronizing_group
-from .modules import ConvBN2d, LinearBN1d
+from .distributed import SyncLinearBN1d, _SyncConvBNNd, synchronizing_group
+from .modules import LinearBN1d, _ConvBNNd
 
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, ConvBN2d, LinearBN1d)
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, _ConvBNNd, LinearBN1d)
 
 
 class _Moments:
@@ -52,7 +52,7 @@ def _observe(moments: _Moments, layer: nn.Module, output: Tensor) -> None:
 
 
 def _synchronizing_group(layer: nn.Module):
-    if isinstance(layer, (SyncConvBN2d, SyncLinearBN1d, nn.SyncBatchNorm)):
+    if isinstance(layer, (_SyncConvBNNd, SyncLinearBN1d, nn.SyncBatchNorm)):
         return synchronizing_group(layer, layer.process_group)
     return None
 
