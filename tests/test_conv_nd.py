@@ -279,6 +279,7 @@ def test_matches_the_nn_pair(item):
     # Eval (the running statistics folded in, or batch statistics without
     # them), with gradients: frozen batch norm.
     conv.eval(), bn.eval(), fused.eval()
+    statistics = [None if t is None else t.clone() for t in (fused.running_mean, fused.running_var)]
     x = torch.randn(*shape, **D)
     x_ref = x.clone().requires_grad_()
     x_fused = x.contiguous(memory_format=memory_format).requires_grad_()
@@ -292,6 +293,9 @@ def test_matches_the_nn_pair(item):
         close(fused_p.grad, ref_p.grad, f"eval grad {name}")
     with torch.no_grad():
         close(fused(x.contiguous(memory_format=memory_format)), out_ref, "eval output, no_grad")
+    if case["track"]:  # eval leaves the statistics alone
+        assert torch.equal(fused.running_mean, statistics[0]) and torch.equal(fused.running_var, statistics[1])
+        assert fused.num_batches_tracked.item() == 3
 
     # to_modules gives the pair back, hyper-parameters included.
     conv2, bn2 = fused.to_modules()
@@ -556,6 +560,46 @@ def test_opcheck_train_backward(config):
                  output_padding))
 
 
+@pytest.mark.parametrize("make,shape", [
+    (lambda: ConvBN1d(4, 6, 3, padding="same", groups=2, padding_mode="reflect"), (3, 4, 9)),
+    (lambda: ConvBN3d(4, 6, 2, stride=(1, 2, 1), padding=1, bias=True), (3, 4, 5, 6, 5)),
+    (lambda: ConvTransposeBN2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (3, 4, 4, 5)),
+    (lambda: ConvTransposeBN3d(4, 2, 2, stride=2, bias=True, momentum=None), (3, 4, 2, 3, 2)),
+], ids=["ConvBN1d", "ConvBN3d", "ConvTransposeBN2d", "ConvTransposeBN3d"])
+def test_torch_export_with_a_dynamic_batch(make, shape):
+    """torch.export (through the fake kernels, batch size dynamic) in eval
+    mode, also decomposed to ATen ops, and in training mode (the program
+    updates the running statistics as the pair does)."""
+    torch.manual_seed(0)
+    layer = make().double()
+    with torch.no_grad():
+        layer.bn_weight.uniform_(0.5, 1.5)
+        layer.bn_bias.normal_()
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+    pair = nn.Sequential(*layer.to_modules())
+    batch = torch.export.Dim("batch", min=2, max=64)
+    x = torch.randn(*shape, **D)
+    layer.eval(), pair.eval()
+    exported = torch.export.export(layer, (x,), dynamic_shapes={"input": {0: batch}})
+    for program in (exported.module(), exported.run_decompositions().module()):
+        for n in (2, 5):
+            y = torch.randn(n, *shape[1:], **D)
+            with torch.no_grad():
+                close(program(y), pair(y), f"eval, batch {n}")
+
+    layer.train(), pair.train()
+    exported = torch.export.export(layer, (x,), dynamic_shapes={"input": {0: batch}})
+    program = exported.module()  # (records the training graph)
+    for n in (4, 3):
+        y = torch.randn(n, *shape[1:], **D)
+        close(program(y), pair(y), f"train, batch {n}")
+    state = program.state_dict()
+    close(state["running_mean"], pair[1].running_mean, "running_mean")
+    close(state["running_var"], pair[1].running_var, "running_var")
+    assert state["num_batches_tracked"].item() == pair[1].num_batches_tracked.item()
+
+
 # --- what is kept for backward --------------------------------------------------------
 
 def saved_tensors(fn):
@@ -622,7 +666,8 @@ def test_memory_efficient_mode_keeps_no_conv_output(case):
 
 
 @pytest.mark.parametrize("cls,shape", [(ConvTransposeBN2d, (4, 6, 7, 7)), (ConvTransposeBN3d, (2, 6, 4, 4, 4)),
-                                       (ConvBN3d, (2, 6, 5, 5, 5))])
+                                       (ConvBN3d, (2, 6, 5, 5, 5))], ids=["ConvTransposeBN2d", "ConvTransposeBN3d",
+                                                                          "ConvBN3d"])
 def test_frozen_batch_norm_keeps_no_folded_weight(cls, shape):
     """Eval mode with weights that train: the node keeps the input, the
     layer's own tensors and per-channel vectors, not a folded copy of the
