@@ -143,8 +143,11 @@ ConvArgs conv_args(
   return conv;
 }
 
-int64_t conv_out_channels(const at::Tensor& weight, const ConvArgs& conv) {
-  return conv.transposed ? weight.size(1) * conv.groups : weight.size(0);
+int64_t conv_out_channels(
+    const at::Tensor& weight,
+    bool transposed,
+    int64_t groups) {
+  return transposed ? weight.size(1) * groups : weight.size(0);
 }
 
 std::vector<c10::SymInt> check_conv_bn_args(

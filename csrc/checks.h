@@ -42,10 +42,17 @@ ConvArgs conv_args(
     bool transposed,
     at::IntArrayRef output_padding);
 
-// Output channels of the convolution: weight.size(0) for a convolution,
+// Output channels of a conv weight: weight.size(0) for a convolution,
 // weight.size(1) * groups for a transposed one (whose weight is
 // (in_channels, out_channels / groups, k...)).
-int64_t conv_out_channels(const at::Tensor& weight, const ConvArgs& conv);
+int64_t conv_out_channels(
+    const at::Tensor& weight,
+    bool transposed,
+    int64_t groups);
+
+inline int64_t conv_out_channels(const at::Tensor& weight, const ConvArgs& conv) {
+  return conv_out_channels(weight, conv.transposed, conv.groups);
+}
 
 // Checks input/weight/bias/bn_weight/bn_bias and the conv hyper-parameters.
 // Returns the conv output's sizes (N, C_out, spatial...). Sizes are

@@ -256,9 +256,8 @@ class ConvBNEvalFunction
       return grads;
     }
     const SavedEval s = unpack_saved(ctx);
-    const int64_t out_channels = s.where.transposed
-        ? s.weight.size(1) * s.where.groups
-        : s.weight.size(0);
+    const int64_t out_channels =
+        conv_out_channels(s.weight, s.where.transposed, s.where.groups);
     auto [grad_input, grad_folded_weight, grad_folded_bias] =
         at::convolution_backward(
             grad_output, s.input, s.fold.weight,

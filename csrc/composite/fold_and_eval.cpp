@@ -46,7 +46,7 @@ void check_fold_args(
       op, ": `groups` (", where.groups, ") must be positive and, for a "
       "transposed conv, divide weight.size(0) = ", weight.size(0));
   const int64_t channels =
-      where.transposed ? weight.size(1) * where.groups : weight.size(0);
+      conv_out_channels(weight, where.transposed, where.groups);
   for (const auto& [name, t] :
        {std::pair<const char*, const std::optional<at::Tensor>*>{"bias", &bias},
         {"bn_weight", &bn_weight},

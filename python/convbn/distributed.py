@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .modules import (
     ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d, LinearBN1d,
-    _conv_arguments,
+    _batch_norm_arguments, _conv_arguments,
 )
 
 
@@ -114,8 +114,7 @@ class _SyncConvBNNd(_Synchronized):
                 f"got {type(module).__name__}"
             )
         sync = cls(
-            **_conv_arguments(module), eps=module.eps, momentum=module.momentum, affine=module.affine,
-            track_running_stats=module.track_running_stats, memory_efficient=module.memory_efficient,
+            **_conv_arguments(module), **_batch_norm_arguments(module), memory_efficient=module.memory_efficient,
             process_group=process_group, device="meta",
         )
         sync._share_state_of(module)

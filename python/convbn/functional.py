@@ -28,10 +28,6 @@ except ImportError:
 _Ints = Union[int, List[int], Tuple[int], Tuple[int, int], Tuple[int, int, int]]
 
 
-def _pair(value: _Ints, name: str) -> List[int]:
-    return _ntuple(value, 2, name)
-
-
 _DIMENSIONS = {1: "one int", 2: "a pair of ints", 3: "a triple of ints"}
 
 

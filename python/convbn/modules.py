@@ -334,10 +334,8 @@ class _ConvBNNd(_FusedBatchNorm):
     @classmethod
     def _holding(cls, conv: nn.Module, bn: nn.Module, memory_efficient: bool, take) -> "_ConvBNNd":
         """The module for (conv, bn), holding take(tensor) of each of theirs."""
-        fused = cls(
-            **_conv_arguments(conv), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-            track_running_stats=bn.track_running_stats, memory_efficient=memory_efficient, device="meta",
-        )
+        fused = cls(**_conv_arguments(conv), **_batch_norm_arguments(bn), memory_efficient=memory_efficient,
+                    device="meta")
         fused.weight, fused.bias = take(conv.weight), take(conv.bias)
         fused._take_batch_norm_from(bn, take)
         return fused
@@ -374,6 +372,12 @@ def _conv_arguments(conv: nn.Module) -> dict:
     if conv.transposed:
         args["output_padding"] = conv.output_padding
     return args
+
+
+def _batch_norm_arguments(bn: nn.Module) -> dict:
+    """The constructor arguments a batch norm and a fused module share, read
+    from either."""
+    return dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats)
 
 
 class _ConvBN(_ConvBNNd):
