@@ -9,6 +9,8 @@
 
 #include <ATen/ATen.h>
 
+#include <c10/util/string_view.h>
+
 #include <array>
 #include <optional>
 #include <string>
@@ -30,6 +32,9 @@ namespace convbn {
 //                memory_efficient is false, else an empty tensor: the
 //                memory-efficient backward recomputes it from input and weight.
 // save_mean and save_invstd are float32 for float16/bfloat16 input.
+// activation ("identity", "relu", "relu6", "leaky_relu" with negative_slope,
+// "silu", "hardswish", "sigmoid", "gelu") is applied to the normalized
+// output in the same pass: output = activation(batch_norm(y)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     const at::Tensor& input,
     const at::Tensor& weight,
@@ -43,12 +48,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     double eps,
     bool memory_efficient = true,
     bool transposed = false,
-    at::IntArrayRef output_padding = {});
+    at::IntArrayRef output_padding = {},
+    c10::string_view activation = "identity",
+    double negative_slope = 0.01);
 
 // Backward of conv_bn_train. output_mask selects which of (grad_input,
 // grad_weight, grad_bias, grad_bn_weight, grad_bn_bias) are computed; the
 // others are returned undefined. Pass conv_output as returned by
-// conv_bn_train (an empty tensor or nullopt means: recompute it).
+// conv_bn_train (an empty tensor or nullopt means: recompute it). With an
+// activation, pass the forward's bn_bias, activation and negative_slope:
+// the backward recomputes the activation's input from them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 conv_bn_train_backward(
     const at::Tensor& grad_output,
@@ -66,7 +75,10 @@ conv_bn_train_backward(
     double eps,
     std::array<bool, 5> output_mask,
     bool transposed = false,
-    at::IntArrayRef output_padding = {});
+    at::IntArrayRef output_padding = {},
+    const std::optional<at::Tensor>& bn_bias = std::nullopt,
+    c10::string_view activation = "identity",
+    double negative_slope = 0.01);
 
 // conv_bn_train with the batch statistics of all ranks of a torch.distributed
 // process group, as nn.SyncBatchNorm computes them: every rank all-gathers
@@ -94,7 +106,9 @@ sync_conv_bn_train(
     int64_t group_size,
     bool memory_efficient = true,
     bool transposed = false,
-    at::IntArrayRef output_padding = {});
+    at::IntArrayRef output_padding = {},
+    c10::string_view activation = "identity",
+    double negative_slope = 0.01);
 
 // Backward of sync_conv_bn_train: conv_bn_train_backward with the two
 // per-channel sums of the normalization's backward all-reduced over the
@@ -122,7 +136,10 @@ sync_conv_bn_train_backward(
     const at::Tensor& count,
     std::array<bool, 5> output_mask,
     bool transposed = false,
-    at::IntArrayRef output_padding = {});
+    at::IntArrayRef output_padding = {},
+    const std::optional<at::Tensor>& bn_bias = std::nullopt,
+    c10::string_view activation = "identity",
+    double negative_slope = 0.01);
 
 // Updates running statistics in place from conv_bn_train's save_mean and
 // save_invstd, as nn.BatchNorm2d does: num_batches_tracked += 1, then
@@ -178,7 +195,9 @@ at::Tensor conv_bn_eval(
     int64_t groups,
     double eps,
     bool transposed = false,
-    at::IntArrayRef output_padding = {});
+    at::IntArrayRef output_padding = {},
+    c10::string_view activation = "identity",
+    double negative_slope = 0.01);
 
 // Linear followed by BatchNorm1d on (N, in_features) input: as conv_bn_train
 // with y = input @ weight.T + bias (N, out_features) in place of the conv

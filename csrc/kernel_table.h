@@ -6,6 +6,8 @@
 // channels_last view.
 #pragma once
 
+#include "activation.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -78,15 +80,30 @@ struct KernelTable {
       const at::Tensor& mean,
       at::Tensor& sum_dy,
       at::Tensor& sum_dy_xmu);
-  // out = a[c] * ((u - mu[c]) (+ b[c] * (v - m[c]))) + c0[c], elementwise
-  // (see CenteredTerm).
+  // out = f(a[c] * ((u - mu[c]) (+ b[c] * (v - m[c]))) + c0[c]),
+  // elementwise (see CenteredTerm), f the activation: the forward's
+  // normalization applies it in the same pass; the backward's grad-input
+  // pass passes identity.
   void (*channel_affine)(
       at::Tensor& out,
       const at::Tensor& u,
       const at::Tensor& a,
       const at::Tensor& mu,
       const at::Tensor& c0,
-      const CenteredTerm* centered);
+      const CenteredTerm* centered,
+      const Activation& act);
+  // dz = dy * f'(a[c] * (y - mean[c]) + c0[c]), elementwise: the gradient
+  // at the activation's input z, recomputed from the conv output y with the
+  // forward's coefficients (a = gamma * invstd, c0 = beta), so the
+  // normalized output is never kept. dz may alias dy.
+  void (*activation_grad)(
+      at::Tensor& dz,
+      const at::Tensor& dy,
+      const at::Tensor& y,
+      const at::Tensor& a,
+      const at::Tensor& mean,
+      const at::Tensor& c0,
+      const Activation& act);
 };
 
 namespace cpu {

@@ -18,7 +18,8 @@ TORCH_LIBRARY(convbn, m) {
       "conv_bn_train(Tensor input, Tensor weight, Tensor? bias, "
       "Tensor? bn_weight, Tensor? bn_bias, int[] stride, int[] padding, "
       "int[] dilation, int groups, float eps, bool memory_efficient=True, "
-      "bool transposed=False, int[] output_padding=[]) "
+      "bool transposed=False, int[] output_padding=[], "
+      "str activation=\"identity\", float negative_slope=0.01) "
       "-> (Tensor output, Tensor save_mean, Tensor save_invstd, "
       "Tensor conv_output)");
   m.def(
@@ -26,7 +27,8 @@ TORCH_LIBRARY(convbn, m) {
       "Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? conv_output, "
       "Tensor save_mean, Tensor save_invstd, int[] stride, int[] padding, "
       "int[] dilation, int groups, float eps, bool[5] output_mask, "
-      "bool transposed=False, int[] output_padding=[]) "
+      "bool transposed=False, int[] output_padding=[], Tensor? bn_bias=None, "
+      "str activation=\"identity\", float negative_slope=0.01) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_bn_weight, Tensor grad_bn_bias)");
   // conv_bn_train over the ranks of a torch.distributed process group (its
@@ -38,7 +40,8 @@ TORCH_LIBRARY(convbn, m) {
       "Tensor? bn_weight, Tensor? bn_bias, int[] stride, int[] padding, "
       "int[] dilation, int groups, float eps, str group_name, "
       "int group_size, bool memory_efficient=True, bool transposed=False, "
-      "int[] output_padding=[]) "
+      "int[] output_padding=[], str activation=\"identity\", "
+      "float negative_slope=0.01) "
       "-> (Tensor output, Tensor save_mean, Tensor save_invstd, "
       "Tensor conv_output, Tensor count)");
   m.def(
@@ -47,7 +50,8 @@ TORCH_LIBRARY(convbn, m) {
       "Tensor save_mean, Tensor save_invstd, int[] stride, int[] padding, "
       "int[] dilation, int groups, float eps, str group_name, "
       "int group_size, Tensor count, bool[5] output_mask, "
-      "bool transposed=False, int[] output_padding=[]) "
+      "bool transposed=False, int[] output_padding=[], Tensor? bn_bias=None, "
+      "str activation=\"identity\", float negative_slope=0.01) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_bn_weight, Tensor grad_bn_bias)");
   m.def(
@@ -64,7 +68,8 @@ TORCH_LIBRARY(convbn, m) {
       "Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
       "Tensor running_var, int[] stride, int[] padding, int[] dilation, "
       "int groups, float eps, bool transposed=False, "
-      "int[] output_padding=[]) -> Tensor");
+      "int[] output_padding=[], str activation=\"identity\", "
+      "float negative_slope=0.01) -> Tensor");
   m.def(
       "linear_bn_train(Tensor input, Tensor weight, Tensor? bias, "
       "Tensor? bn_weight, Tensor? bn_bias, float eps, "
@@ -110,13 +115,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     double eps,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("convbn::conv_bn_train", "")
                        .typed<decltype(conv_bn_train)>();
   return op.call(
       input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-      groups, eps, memory_efficient, transposed, output_padding);
+      groups, eps, memory_efficient, transposed, output_padding, activation,
+      negative_slope);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -136,14 +144,17 @@ conv_bn_train_backward(
     double eps,
     std::array<bool, 5> output_mask,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    const std::optional<at::Tensor>& bn_bias,
+    c10::string_view activation,
+    double negative_slope) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("convbn::conv_bn_train_backward", "")
                        .typed<decltype(conv_bn_train_backward)>();
   return op.call(
       grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
       save_invstd, stride, padding, dilation, groups, eps, output_mask,
-      transposed, output_padding);
+      transposed, output_padding, bn_bias, activation, negative_slope);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -162,14 +173,16 @@ sync_conv_bn_train(
     int64_t group_size,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("convbn::sync_conv_bn_train", "")
                        .typed<decltype(sync_conv_bn_train)>();
   return op.call(
       input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
       groups, eps, std::move(group_name), group_size, memory_efficient,
-      transposed, output_padding);
+      transposed, output_padding, activation, negative_slope);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -192,7 +205,10 @@ sync_conv_bn_train_backward(
     const at::Tensor& count,
     std::array<bool, 5> output_mask,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    const std::optional<at::Tensor>& bn_bias,
+    c10::string_view activation,
+    double negative_slope) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("convbn::sync_conv_bn_train_backward", "")
@@ -201,7 +217,7 @@ sync_conv_bn_train_backward(
       grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
       save_invstd, stride, padding, dilation, groups, eps,
       std::move(group_name), group_size, count, output_mask, transposed,
-      output_padding);
+      output_padding, bn_bias, activation, negative_slope);
 }
 
 void update_running_stats(
@@ -256,13 +272,16 @@ at::Tensor conv_bn_eval(
     int64_t groups,
     double eps,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("convbn::conv_bn_eval", "")
                        .typed<decltype(conv_bn_eval)>();
   return op.call(
       input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-      stride, padding, dilation, groups, eps, transposed, output_padding);
+      stride, padding, dilation, groups, eps, transposed, output_padding,
+      activation, negative_slope);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_train(

@@ -62,6 +62,7 @@ struct NormalizedBatch {
 // The forward after the linear map. y is its output without bias: 4-D,
 // dense in the input's layout (layout_of), and the caller's to overwrite.
 // With a group, the statistics are the group's (the caller checks count).
+// The activation is applied in the normalization's pass.
 NormalizedBatch normalize_batch(
     const KernelTable& kernels,
     at::Tensor y,
@@ -70,6 +71,7 @@ NormalizedBatch normalize_batch(
     const std::optional<at::Tensor>& bn_bias,
     double eps,
     bool memory_efficient,
+    const Activation& act,
     const ProcessGroupRef* group = nullptr) {
   const auto acc_dtype = stats_dtype(y.scalar_type());
   const int64_t channels = y.size(1);
@@ -96,7 +98,7 @@ NormalizedBatch normalize_batch(
   at::Tensor output = memory_efficient ? y : at::empty_like(y);
   if (y.numel() > 0) {
     kernels.channel_affine(
-        output, y, coef.scale, coef.mean, coef.shift, nullptr);
+        output, y, coef.scale, coef.mean, coef.shift, nullptr, act);
   }
 
   at::Tensor save_mean =
@@ -114,28 +116,46 @@ struct BatchNormGrads {
 };
 
 // The backward down to the linear map's output. dy and y are 4-D (see
-// as_kernel_4d) in the
-// same memory format; y_is_scratch says y was recomputed, so grad_y may
-// overwrite it. count is the number of values per channel the statistics
-// were over: y's own, or the group's when group is given, whose ranks then
-// sum their per-channel gradient sums.
+// as_kernel_4d) in the same memory format; y_is_scratch says y was
+// recomputed, so grad_y may overwrite it. count is the number of values per
+// channel the statistics were over: y's own, or the group's when group is
+// given, whose ranks then sum their per-channel gradient sums. With an
+// activation, dy is first taken back through it (activation_grad, from y
+// and the forward's coefficients, which need bn_bias): the rest of the
+// backward is batch norm's, on that gradient.
 BatchNormGrads batch_norm_backward(
     const KernelTable& kernels,
-    const at::Tensor& dy,
+    const at::Tensor& output_grad,
     at::Tensor y,
     bool y_is_scratch,
     const at::Tensor& save_mean,
     const at::Tensor& save_invstd,
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
     const at::Tensor& input,
     std::array<bool, 5> output_mask,
     int64_t count,
+    const Activation& act,
     const ProcessGroupRef* group = nullptr) {
   const int64_t channels = y.size(1);
   const auto acc_dtype = stats_dtype(y.scalar_type());
   const at::Tensor mean = mean_without_conv_bias(save_mean, bias, acc_dtype);
   const at::Tensor invstd = save_invstd.to(acc_dtype).contiguous();
+  // The gradient at batch norm's output: the activation's input gradient,
+  // in a buffer of its own (output_grad is the caller's), which grad_y
+  // then overwrites.
+  at::Tensor dy = output_grad;
+  bool dy_is_scratch = false;
+  if (!act.is_identity()) {
+    const auto coef = normalize_coefficients(mean, invstd, bn_weight, bn_bias);
+    dy = at::empty_like(y);
+    if (y.numel() > 0) {
+      kernels.activation_grad(
+          dy, output_grad, y, coef.scale, coef.mean, coef.shift, act);
+    }
+    dy_is_scratch = true;
+  }
   at::Tensor sum_dy = at::empty({channels}, y.options().dtype(acc_dtype));
   at::Tensor sum_dy_xmu = at::empty_like(sum_dy);
   if (y.numel() > 0) {
@@ -168,10 +188,12 @@ BatchNormGrads batch_norm_backward(
   if (output_mask[0] || output_mask[1]) {
     const auto coef =
         grad_y_coefficients(sum_dy, sum_dy_xmu, invstd, bn_weight, count);
-    at::Tensor grad_y = y_is_scratch ? y : at::empty_like(y);
+    at::Tensor grad_y =
+        y_is_scratch ? y : (dy_is_scratch ? dy : at::empty_like(y));
     if (y.numel() > 0) {
       const CenteredTerm centered{y, coef.b, mean};
-      kernels.channel_affine(grad_y, dy, coef.a, coef.mu, coef.c, &centered);
+      kernels.channel_affine(
+          grad_y, dy, coef.a, coef.mu, coef.c, &centered, Activation{});
     }
     grads.grad_y = std::move(grad_y);
   }
@@ -285,6 +307,7 @@ NormalizedBatch conv_bn_forward(
     const ConvArgs& conv,
     double eps,
     bool memory_efficient,
+    const Activation& act,
     const ProcessGroupRef* group) {
   const auto out_sizes = check_conv_bn_args(
       op, input, weight, bias, bn_weight, bn_bias, conv, eps);
@@ -294,7 +317,7 @@ NormalizedBatch conv_bn_forward(
   const at::Tensor y = conv_without_bias(input, weight, conv);
   auto result = normalize_batch(
       kernels, as_kernel_4d(y), bias, bn_weight, bn_bias, eps,
-      memory_efficient, group);
+      memory_efficient, act, group);
   if (group != nullptr) {
     check_group_count(input, result.count, *group);
   }
@@ -322,12 +345,14 @@ conv_bn_backward(
     const ConvArgs& conv,
     double eps,
     std::array<bool, 5> output_mask,
+    const std::optional<at::Tensor>& bn_bias,
+    const Activation& act,
     const ProcessGroupRef* group,
     std::optional<int64_t> group_count) {
   // eps is in save_invstd already; the differentiable (double backward)
   // path in autograd/ needs it to recompute the statistics.
   const auto out_sizes = check_conv_bn_args(
-      op, input, weight, bias, bn_weight, std::nullopt, conv, eps);
+      op, input, weight, bias, bn_weight, bn_bias, conv, eps);
   check_backward_args(
       op, grad_output, out_sizes, input, conv_out_channels(weight, conv),
       save_mean, save_invstd, "conv_output", conv_output);
@@ -343,8 +368,8 @@ conv_bn_backward(
   }
   auto bn = batch_norm_backward(
       kernels, as_kernel_4d(grad_output.contiguous(fmt)), y4, recompute,
-      save_mean, save_invstd, bias, bn_weight, input, output_mask, count,
-      group);
+      save_mean, save_invstd, bias, bn_weight, bn_bias, input, output_mask,
+      count, act, group);
 
   at::Tensor grad_input, grad_weight;
   if (output_mask[0] || output_mask[1]) {
@@ -384,7 +409,7 @@ NormalizedBatch linear_bn_forward(
   // at::mm gives a fresh contiguous (N, C) tensor the kernels may overwrite.
   auto result = normalize_batch(
       kernels, rows_as_4d(at::mm(input, weight.t())), bias, bn_weight,
-      bn_bias, eps, memory_efficient, group);
+      bn_bias, eps, memory_efficient, Activation{}, group);
   if (group != nullptr) {
     check_group_count(input, result.count, *group);
   }
@@ -427,8 +452,8 @@ linear_bn_backward(
   }
   auto bn = batch_norm_backward(
       kernels, rows_as_4d(grad_output.contiguous()), rows_as_4d(y), recompute,
-      save_mean, save_invstd, bias, bn_weight, input, output_mask, count,
-      group);
+      save_mean, save_invstd, bias, bn_weight, std::nullopt, input,
+      output_mask, count, Activation{}, group);
 
   at::Tensor grad_input, grad_weight;
   if (output_mask[0] || output_mask[1]) {
@@ -460,11 +485,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_forward
     double eps,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   auto result = conv_bn_forward(
       kConvTrainOp, kernels, input, weight, bias, bn_weight, bn_bias,
       conv_args(stride, padding, dilation, groups, transposed, output_padding),
-      eps, memory_efficient, nullptr);
+      eps, memory_efficient,
+      parse_activation(kConvTrainOp, activation, negative_slope), nullptr);
   return {result.output, result.save_mean, result.save_invstd, result.kept_y};
 }
 
@@ -486,12 +514,17 @@ conv_bn_train_backward_impl(
     double eps,
     std::array<bool, 5> output_mask,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    const std::optional<at::Tensor>& bn_bias,
+    c10::string_view activation,
+    double negative_slope) {
   return conv_bn_backward(
       kConvBackwardOp, kernels, grad_output, input, weight, bias, bn_weight,
       conv_output, save_mean, save_invstd,
       conv_args(stride, padding, dilation, groups, transposed, output_padding),
-      eps, output_mask, nullptr, std::nullopt);
+      eps, output_mask, bn_bias,
+      parse_activation(kConvBackwardOp, activation, negative_slope), nullptr,
+      std::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -511,12 +544,15 @@ sync_conv_bn_train_forward(
     int64_t group_size,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   const auto group = group_of(kSyncTrainOp, group_name, group_size);
   auto result = conv_bn_forward(
       kSyncTrainOp, kernels, input, weight, bias, bn_weight, bn_bias,
       conv_args(stride, padding, dilation, groups, transposed, output_padding),
-      eps, memory_efficient, &group);
+      eps, memory_efficient,
+      parse_activation(kSyncTrainOp, activation, negative_slope), &group);
   return {result.output, result.save_mean, result.save_invstd, result.kept_y,
           at::scalar_tensor(result.count, at::kLong)};
 }
@@ -542,13 +578,18 @@ sync_conv_bn_train_backward_impl(
     const at::Tensor& count,
     std::array<bool, 5> output_mask,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    const std::optional<at::Tensor>& bn_bias,
+    c10::string_view activation,
+    double negative_slope) {
   const auto group = group_of(kSyncBackwardOp, group_name, group_size);
   return conv_bn_backward(
       kSyncBackwardOp, kernels, grad_output, input, weight, bias, bn_weight,
       conv_output, save_mean, save_invstd,
       conv_args(stride, padding, dilation, groups, transposed, output_padding),
-      eps, output_mask, &group, count_of(kSyncBackwardOp, count));
+      eps, output_mask, bn_bias,
+      parse_activation(kSyncBackwardOp, activation, negative_slope), &group,
+      count_of(kSyncBackwardOp, count));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>

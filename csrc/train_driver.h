@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
 
+#include <c10/util/string_view.h>
+
 #include <array>
 #include <optional>
 #include <string>
@@ -30,7 +32,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_forward
     double eps,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding);
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope);
 
 // conv_bn_train_backward with the given device kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -51,7 +55,10 @@ conv_bn_train_backward_impl(
     double eps,
     std::array<bool, 5> output_mask,
     bool transposed,
-    at::IntArrayRef output_padding);
+    at::IntArrayRef output_padding,
+    const std::optional<at::Tensor>& bn_bias,
+    c10::string_view activation,
+    double negative_slope);
 
 // sync_conv_bn_train with the given device kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -71,7 +78,9 @@ sync_conv_bn_train_forward(
     int64_t group_size,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding);
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope);
 
 // sync_conv_bn_train_backward with the given device kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -95,7 +104,10 @@ sync_conv_bn_train_backward_impl(
     const at::Tensor& count,
     std::array<bool, 5> output_mask,
     bool transposed,
-    at::IntArrayRef output_padding);
+    at::IntArrayRef output_padding,
+    const std::optional<at::Tensor>& bn_bias,
+    c10::string_view activation,
+    double negative_slope);
 
 // linear_bn_train with the given device kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -174,12 +186,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_kernel(
     double eps,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   const at::OptionalDeviceGuard device_guard(at::device_of(input));
   return conv_bn_train_forward(
       Table(), input, weight, bias, bn_weight, bn_bias, stride, padding,
-      dilation, groups, eps, memory_efficient, transposed,
-      output_padding);
+      dilation, groups, eps, memory_efficient, transposed, output_padding,
+      activation, negative_slope);
 }
 
 template <const KernelTable& (*Table)()>
@@ -200,13 +214,16 @@ conv_bn_train_backward_kernel(
     double eps,
     std::array<bool, 5> output_mask,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    const std::optional<at::Tensor>& bn_bias,
+    c10::string_view activation,
+    double negative_slope) {
   const at::OptionalDeviceGuard device_guard(at::device_of(input));
   return conv_bn_train_backward_impl(
       Table(), grad_output, input, weight, bias, bn_weight, conv_output,
       save_mean, save_invstd, stride, padding, dilation, groups, eps,
-      output_mask, transposed,
-      output_padding);
+      output_mask, transposed, output_padding, bn_bias, activation,
+      negative_slope);
 }
 
 template <const KernelTable& (*Table)()>
@@ -226,12 +243,14 @@ sync_conv_bn_train_kernel(
     int64_t group_size,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   const at::OptionalDeviceGuard device_guard(at::device_of(input));
   return sync_conv_bn_train_forward(
       Table(), input, weight, bias, bn_weight, bn_bias, stride, padding,
-      dilation, groups, eps, group_name, group_size, memory_efficient, transposed,
-      output_padding);
+      dilation, groups, eps, group_name, group_size, memory_efficient,
+      transposed, output_padding, activation, negative_slope);
 }
 
 template <const KernelTable& (*Table)()>
@@ -255,13 +274,16 @@ sync_conv_bn_train_backward_kernel(
     const at::Tensor& count,
     std::array<bool, 5> output_mask,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    const std::optional<at::Tensor>& bn_bias,
+    c10::string_view activation,
+    double negative_slope) {
   const at::OptionalDeviceGuard device_guard(at::device_of(input));
   return sync_conv_bn_train_backward_impl(
       Table(), grad_output, input, weight, bias, bn_weight, conv_output,
       save_mean, save_invstd, stride, padding, dilation, groups, eps,
-      group_name, group_size, count, output_mask, transposed,
-      output_padding);
+      group_name, group_size, count, output_mask, transposed, output_padding,
+      bn_bias, activation, negative_slope);
 }
 
 template <const KernelTable& (*Table)()>

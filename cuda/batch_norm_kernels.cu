@@ -6,10 +6,12 @@
 //
 //   batch_mean_var    per-channel Welford statistics, warp-shuffle merges
 //   batch_grad_sums   per-channel sum(dy), sum(dy * (y - mean)), one pass
-//   channel_affine    elementwise a*((u - mu) + b*(v - m)) + c, in place
-//                     where the driver asks (normalization into the conv
-//                     output's buffer; grad-input into the recomputed conv
-//                     output)
+//   channel_affine    elementwise f(a*((u - mu) + b*(v - m)) + c), in place
+//                     where the driver asks (normalization and activation
+//                     into the conv output's buffer; grad-input into the
+//                     recomputed conv output)
+//   activation_grad   elementwise dy * f'(a*(y - mean) + c): the gradient
+//                     at the activation's input, from the conv output
 //
 // Each reduction has an NCHW kernel (a block walks a chunk of one channel,
 // plane by plane) and a channels_last kernel (a block's lanes span adjacent
@@ -351,12 +353,12 @@ void batch_grad_sums(
   });
 }
 
-// out = a[c] * ((u - mu[c]) (+ b[c] * (v - m[c]))) + c0[c], elementwise, in
-// this order: every intermediate stays of the size of an input or of the
-// result (kernel_table.h, CenteredTerm). The walk (index_walk.h) says when
-// the channel changes, and the coefficients are loaded then: once per plane
-// (NCHW) or per thread (channels_last).
-template <typename scalar_t, typename acc_t, bool HasV>
+// out = f(a[c] * ((u - mu[c]) (+ b[c] * (v - m[c]))) + c0[c]), elementwise,
+// in this order: every intermediate stays of the size of an input or of the
+// result (kernel_table.h, CenteredTerm); f is the activation K. The walk
+// (index_walk.h) says when the channel changes, and the coefficients are
+// loaded then: once per plane (NCHW) or per thread (channels_last).
+template <typename scalar_t, typename acc_t, bool HasV, ActivationKind K>
 __global__ void channel_affine_kernel(
     ElementwiseLaunch walk,
     scalar_t* out,
@@ -366,7 +368,8 @@ __global__ void channel_affine_kernel(
     const scalar_t* v,
     const acc_t* b,
     const acc_t* m,
-    const acc_t* c0) {
+    const acc_t* c0,
+    acc_t slope) {
   acc_t channel_a = 0, channel_mu = 0, channel_b = 0, channel_m = 0,
         channel_c0 = 0;
   walk_elementwise(
@@ -385,7 +388,8 @@ __global__ void channel_affine_kernel(
         if constexpr (HasV) {
           t += channel_b * (static_cast<acc_t>(v[offset]) - channel_m);
         }
-        out[offset] = static_cast<scalar_t>(channel_a * t + channel_c0);
+        out[offset] = static_cast<scalar_t>(
+            activation_forward(K, slope, channel_a * t + channel_c0));
       });
 }
 
@@ -395,11 +399,13 @@ void channel_affine(
     const at::Tensor& a,
     const at::Tensor& mu,
     const at::Tensor& c0,
-    const CenteredTerm* centered) {
+    const CenteredTerm* centered,
+    const Activation& act) {
   const bool channels_last = walks_channels_last(u);
   check_walks_like(out, channels_last, "out");
   if (centered != nullptr) {
     check_walks_like(centered->v, channels_last, "v");
+    TORCH_INTERNAL_ASSERT(act.is_identity());
   }
   const cudaStream_t stream = current_stream();
   const ElementwiseLaunch walk = elementwise_launch(
@@ -408,23 +414,87 @@ void channel_affine(
   const Launch2d& l = walk.launch;
   CONVBN_CUDA_DISPATCH(u.scalar_type(), "convbn_channel_affine_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    auto launch = [&](auto has_v) {
+    auto launch = [&](auto has_v, auto kind) {
       constexpr bool HasV = decltype(has_v)::value;
-      channel_affine_kernel<scalar_t, acc_t, HasV>
+      constexpr ActivationKind K = decltype(kind)::value;
+      channel_affine_kernel<scalar_t, acc_t, HasV, K>
           <<<dim3(l.grid_x, l.grid_y), dim3(l.block_x, l.block_y), 0, stream>>>(
               walk, out.data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
               a.const_data_ptr<acc_t>(), mu.const_data_ptr<acc_t>(),
               HasV ? centered->v.const_data_ptr<scalar_t>() : nullptr,
               HasV ? centered->b.const_data_ptr<acc_t>() : nullptr,
               HasV ? centered->m.const_data_ptr<acc_t>() : nullptr,
-              c0.const_data_ptr<acc_t>());
+              c0.const_data_ptr<acc_t>(),
+              static_cast<acc_t>(act.negative_slope));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (centered != nullptr) {
-      launch(std::true_type{});
+      launch(std::true_type{}, ActivationTag<ActivationKind::identity>{});
     } else {
-      launch(std::false_type{});
+      dispatch_activation(
+          act.kind, [&](auto kind) { launch(std::false_type{}, kind); });
     }
+  });
+}
+
+// dz = dy * f'(a[c] * (y - mean[c]) + c0[c]), elementwise, z computed as
+// channel_affine_kernel computes it.
+template <typename scalar_t, typename acc_t, ActivationKind K>
+__global__ void activation_grad_kernel(
+    ElementwiseLaunch walk,
+    scalar_t* dz,
+    const scalar_t* dy,
+    const scalar_t* y,
+    const acc_t* a,
+    const acc_t* mean,
+    const acc_t* c0,
+    acc_t slope) {
+  acc_t channel_a = 0, channel_mean = 0, channel_c0 = 0;
+  walk_elementwise(
+      walk, this_thread(),
+      [&](int64_t c) {
+        channel_a = a[c];
+        channel_mean = mean[c];
+        channel_c0 = c0[c];
+      },
+      [&](int64_t offset) {
+        const acc_t z =
+            channel_a * (static_cast<acc_t>(y[offset]) - channel_mean) +
+            channel_c0;
+        dz[offset] = static_cast<scalar_t>(
+            static_cast<acc_t>(dy[offset]) *
+            activation_derivative(K, slope, z));
+      });
+}
+
+void activation_grad(
+    at::Tensor& dz,
+    const at::Tensor& dy,
+    const at::Tensor& y,
+    const at::Tensor& a,
+    const at::Tensor& mean,
+    const at::Tensor& c0,
+    const Activation& act) {
+  const bool channels_last = walks_channels_last(y);
+  check_walks_like(dy, channels_last, "dy");
+  check_walks_like(dz, channels_last, "dz");
+  const cudaStream_t stream = current_stream();
+  const ElementwiseLaunch walk = elementwise_launch(
+      y.size(0), y.size(1), y.size(2) * y.size(3), channels_last,
+      multiprocessor_count());
+  const Launch2d& l = walk.launch;
+  CONVBN_CUDA_DISPATCH(y.scalar_type(), "convbn_activation_grad_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    dispatch_activation(act.kind, [&](auto kind) {
+      constexpr ActivationKind K = decltype(kind)::value;
+      activation_grad_kernel<scalar_t, acc_t, K>
+          <<<dim3(l.grid_x, l.grid_y), dim3(l.block_x, l.block_y), 0, stream>>>(
+              walk, dz.data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+              y.const_data_ptr<scalar_t>(), a.const_data_ptr<acc_t>(),
+              mean.const_data_ptr<acc_t>(), c0.const_data_ptr<acc_t>(),
+              static_cast<acc_t>(act.negative_slope));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -433,7 +503,8 @@ void channel_affine(
 } // namespace
 
 const KernelTable& kernels() {
-  static const KernelTable table{&batch_mean_var, &batch_grad_sums, &channel_affine};
+  static const KernelTable table{
+      &batch_mean_var, &batch_grad_sums, &channel_affine, &activation_grad};
   return table;
 }
 

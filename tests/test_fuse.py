@@ -494,7 +494,10 @@ def test_report_lists_every_pair_and_is_logged(caplog):
     with caplog.at_level("INFO", logger="convbn.fuse"):
         fused, report = convbn.fuse(original, report=True)
     assert len(report.fused) == 20 and not report.left_alone and not report.untraced
-    assert report.fused[0] == FusedPair("conv1", "bn1", "ConvBN2d", "the model's forward")
+    # The stem's ReLU is its own module: fused with its pair. The blocks
+    # share one ReLU for several places: left as it is.
+    assert report.fused[0] == FusedPair("conv1", "bn1", "ConvBN2d", "the model's forward", "relu", "relu")
+    assert all(p.fused_activation is None for p in report.fused[1:])
     assert "fused 20 pair(s), left 0 alone" in caplog.text
     assert "left alone" in str(convbn.fuse(_Residual(), report=True)[1])
 

@@ -274,6 +274,47 @@ def test_1d_3d_and_transposed_layers_export_one_conv_with_the_fold(config, route
     assert_matches(run_onnxruntime(proto, x), x, layer, reference, type(layer).__name__)
 
 
+# Each fused activation, its nn module, and the ONNX ops it may export as
+# (the exporters write some as a composition).
+ACTIVATION_EXPORTS = {
+    "relu": (nn.ReLU(), {"Relu"}),
+    "relu6": (nn.ReLU6(), {"Clip", "HardSigmoid", "Mul", "Min", "Max", "Relu"}),
+    "leaky_relu": (nn.LeakyReLU(-0.3), {"LeakyRelu"}),
+    "silu": (nn.SiLU(), {"Sigmoid", "Mul"}),
+    "hardswish": (nn.Hardswish(), {"HardSwish", "HardSigmoid", "Mul"}),
+    "sigmoid": (nn.Sigmoid(), {"Sigmoid"}),
+    "gelu": (nn.GELU(), {"Gelu", "Erf", "Mul", "Add", "Div"}),
+}
+
+
+@pytest.mark.parametrize("route", ROUTES + [pytest.param("scripted", id="scripted", marks=NO_TORCHSCRIPT_EXPORTER)])
+@pytest.mark.parametrize("activation", ACTIVATION_EXPORTS.keys())
+@pytest.mark.filterwarnings(r"ignore::DeprecationWarning:torch\.jit")
+def test_fused_activation_exports_after_one_conv(activation, route):
+    """A ConvBN2d with a fused activation: one Conv with the fold, then the
+    activation's ONNX ops, computing what nn's conv -> bn -> activation
+    computes. "scripted": a torch.jit.script'ed layer through the
+    TorchScript-based exporter, which reaches conv_bn_eval's symbolic."""
+    module, allowed = ACTIVATION_EXPORTS[activation]
+    conv, bn = conv_pair(CONV_CONFIGS["bias-stride-groups"])
+    layer = convbn.ConvBN2d.from_modules(conv, bn, activation=module).eval()
+    assert layer.activation == activation
+    reference = nn.Sequential(conv, bn, copy.deepcopy(module)).eval()
+    x = torch.randn(2, 4, 9, 9) * 2
+    if route == "scripted":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's own
+            proto = export(torch.jit.script(layer), x, TORCHSCRIPT)
+    else:
+        proto = export(layer, x, route)
+
+    assert_standard_graph(proto)
+    assert len(nodes(proto, "Conv")) == 1 and not nodes(proto, "BatchNormalization")
+    others = {n.op_type for n in proto.graph.node} - {"Conv", "Constant"}
+    assert others and others <= allowed, others
+    assert_matches(run_onnxruntime(proto, x), x, layer, reference, activation)
+
+
 LINEAR_CONFIGS = {
     "plain": dict(bias=False),
     "bias": dict(bias=True),

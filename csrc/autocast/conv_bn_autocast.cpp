@@ -32,13 +32,15 @@ conv_bn_train_autocast(
     double eps,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(AutocastKey);
   const AutocastCast<Device> cast;
   return conv_bn_train(
       cast(input), cast(weight), cast(bias), bn_weight, bn_bias, stride,
       padding, dilation, groups, eps, memory_efficient, transposed,
-      output_padding);
+      output_padding, activation, negative_slope);
 }
 
 template <c10::DispatchKey AutocastKey, c10::DeviceType Device>
@@ -58,13 +60,16 @@ sync_conv_bn_train_autocast(
     int64_t group_size,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(AutocastKey);
   const AutocastCast<Device> cast;
   return sync_conv_bn_train(
       cast(input), cast(weight), cast(bias), bn_weight, bn_bias, stride,
       padding, dilation, groups, eps, std::move(group_name), group_size,
-      memory_efficient, transposed, output_padding);
+      memory_efficient, transposed, output_padding, activation,
+      negative_slope);
 }
 
 template <c10::DispatchKey AutocastKey, c10::DeviceType Device>
@@ -82,13 +87,15 @@ at::Tensor conv_bn_eval_autocast(
     int64_t groups,
     double eps,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(AutocastKey);
   const AutocastCast<Device> cast;
   return conv_bn_eval(
       cast(input), cast(weight), cast(bias), bn_weight, bn_bias, running_mean,
       running_var, stride, padding, dilation, groups, eps, transposed,
-      output_padding);
+      output_padding, activation, negative_slope);
 }
 
 } // namespace

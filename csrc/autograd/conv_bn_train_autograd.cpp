@@ -16,6 +16,7 @@
 // synchronized backward has no double backward.
 #include "train_autograd_common.h"
 
+#include "../activation.h"
 #include "../checks.h"
 #include "../convbn.h"
 
@@ -32,7 +33,7 @@ using torch::autograd::variable_list;
 class ConvBNTrainFunction
     : public torch::autograd::Function<ConvBNTrainFunction> {
  public:
-  static constexpr size_t kNumInputs = 15;
+  static constexpr size_t kNumInputs = 17;
 
   static variable_list forward(
       AutogradContext* ctx,
@@ -49,6 +50,8 @@ class ConvBNTrainFunction
       bool memory_efficient,
       bool transposed,
       at::IntArrayRef output_padding,
+      c10::string_view activation,
+      double negative_slope,
       const std::optional<SyncGroup>& group) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor output, save_mean, save_invstd, conv_output, count;
@@ -57,12 +60,14 @@ class ConvBNTrainFunction
           sync_conv_bn_train(
               input, weight, bias, bn_weight, bn_bias, stride, padding,
               dilation, groups, eps, group->name, group->size,
-              memory_efficient, transposed, output_padding);
+              memory_efficient, transposed, output_padding, activation,
+              negative_slope);
       save_sync_group(ctx, *group, output);
     } else {
       std::tie(output, save_mean, save_invstd, conv_output) = conv_bn_train(
           input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-          groups, eps, memory_efficient, transposed, output_padding);
+          groups, eps, memory_efficient, transposed, output_padding,
+          activation, negative_slope);
     }
 
     ctx->saved_data["stride"] = stride;
@@ -73,10 +78,15 @@ class ConvBNTrainFunction
     ctx->saved_data["output_padding"] = output_padding;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bn_bias"] = present(bn_bias);
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["negative_slope"] = negative_slope;
+    // bn_bias shifts the activation's input, which the backward recomputes;
+    // batch norm alone does not need it.
+    const bool keeps_bn_bias = activation != "identity" && present(bn_bias);
     ctx->save_for_backward(
         {input, weight, bias.value_or(Variable()),
          bn_weight.value_or(Variable()), conv_output, save_mean, save_invstd,
-         count});
+         count, keeps_bn_bias ? *bn_bias : Variable()});
     variable_list outputs{output, save_mean, save_invstd, conv_output};
     if (count.defined()) {
       outputs.push_back(count);
@@ -109,6 +119,10 @@ class ConvBNTrainFunction
     const auto transposed = ctx->saved_data["transposed"].toBool();
     const auto output_padding =
         ctx->saved_data["output_padding"].toIntVector();
+    const std::string activation =
+        ctx->saved_data["activation"].toStringRef();
+    const double negative_slope =
+        ctx->saved_data["negative_slope"].toDouble();
     at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
     if (is_synchronized(ctx)) {
       std::tie(grad_input, grad_weight, grad_bias, grad_bn_weight,
@@ -119,7 +133,8 @@ class ConvBNTrainFunction
               saved[6], stride, padding, dilation, groups, eps,
               ctx->saved_data["group_name"].toStringRef(),
               ctx->saved_data["group_size"].toInt(),
-              saved[7], output_mask, transposed, output_padding);
+              saved[7], output_mask, transposed, output_padding,
+              optional_of(saved[8]), activation, negative_slope);
     } else {
       std::tie(grad_input, grad_weight, grad_bias, grad_bn_weight,
                grad_bn_bias) =
@@ -127,7 +142,8 @@ class ConvBNTrainFunction
               grad_output, saved[0], saved[1], optional_of(saved[2]),
               optional_of(saved[3]), optional_of(saved[4]), saved[5],
               saved[6], stride, padding, dilation, groups, eps, output_mask,
-              transposed, output_padding);
+              transposed, output_padding, optional_of(saved[8]), activation,
+              negative_slope);
     }
     variable_list grads(kNumInputs);
     grads[0] = grad_input;
@@ -153,11 +169,13 @@ conv_bn_train_autograd(
     double eps,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   auto result = ConvBNTrainFunction::apply(
       input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-      groups, eps, memory_efficient, transposed, output_padding,
-      std::optional<SyncGroup>());
+      groups, eps, memory_efficient, transposed, output_padding, activation,
+      negative_slope, std::optional<SyncGroup>());
   return {result[0], result[1], result[2], result[3]};
 }
 
@@ -178,19 +196,24 @@ conv_bn_train_backward_autograd(
     double eps,
     std::array<bool, 5> output_mask,
     bool transposed,
-    at::IntArrayRef output_padding) {
-  if (records_graph(grad_output, input, weight, bias, bn_weight)) {
+    at::IntArrayRef output_padding,
+    const std::optional<at::Tensor>& bn_bias,
+    c10::string_view activation,
+    double negative_slope) {
+  if (records_graph(grad_output, input, weight, bias, bn_weight, bn_bias)) {
     return differentiable_conv_bn_backward(
-        grad_output, input, weight, bias, bn_weight,
+        grad_output, input, weight, bias, bn_weight, bn_bias,
         conv_args(stride, padding, dilation, groups, transposed,
                   output_padding),
-        eps, output_mask);
+        eps, output_mask,
+        parse_activation(
+            "convbn.conv_bn_train_backward", activation, negative_slope));
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return conv_bn_train_backward(
       grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
       save_invstd, stride, padding, dilation, groups, eps, output_mask,
-      transposed, output_padding);
+      transposed, output_padding, bn_bias, activation, negative_slope);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -209,10 +232,13 @@ sync_conv_bn_train_autograd(
     int64_t group_size,
     bool memory_efficient,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   auto result = ConvBNTrainFunction::apply(
       input, weight, bias, bn_weight, bn_bias, stride, padding, dilation,
-      groups, eps, memory_efficient, transposed, output_padding,
+      groups, eps, memory_efficient, transposed, output_padding, activation,
+      negative_slope,
       std::optional<SyncGroup>(SyncGroup{std::move(group_name), group_size}));
   return {result[0], result[1], result[2], result[3], result[4]};
 }
@@ -237,16 +263,19 @@ sync_conv_bn_train_backward_autograd(
     const at::Tensor& count,
     std::array<bool, 5> output_mask,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    const std::optional<at::Tensor>& bn_bias,
+    c10::string_view activation,
+    double negative_slope) {
   check_no_double_backward(
       "convbn.sync_conv_bn_train_backward", grad_output, input, weight, bias,
-      bn_weight);
+      bn_weight, bn_bias);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return sync_conv_bn_train_backward(
       grad_output, input, weight, bias, bn_weight, conv_output, save_mean,
       save_invstd, stride, padding, dilation, groups, eps,
       std::move(group_name), group_size, count, output_mask, transposed,
-      output_padding);
+      output_padding, bn_bias, activation, negative_slope);
 }
 
 } // namespace
@@ -260,9 +289,11 @@ differentiable_conv_bn_backward(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
     const ConvArgs& conv,
     double eps,
-    std::array<bool, 5> output_mask) {
+    std::array<bool, 5> output_mask,
+    const Activation& act) {
   // Every dimension but the channels' (1).
   std::vector<int64_t> dims{0};
   std::vector<int64_t> per_channel(input.dim(), 1);
@@ -277,20 +308,32 @@ differentiable_conv_bn_backward(
   const at::Tensor invstd =
       (centered.square().mean(dims, /*keepdim=*/true) + eps).rsqrt();
   const at::Tensor xhat = centered * invstd;
+  // The gradient at batch norm's output: grad_output taken back through the
+  // activation at its input z = xhat * gamma + beta (ATen's backward ops,
+  // differentiable in turn).
+  at::Tensor grad_bn_output = grad_output;
+  if (!act.is_identity()) {
+    at::Tensor z = present(bn_weight) ? xhat * bn_weight->view(per_channel)
+                                      : xhat;
+    if (present(bn_bias)) {
+      z = z + bn_bias->view(per_channel);
+    }
+    grad_bn_output = activation_backward(grad_output, z, act);
+  }
 
   at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
   const auto param_dtype = bn_param_dtype(bn_weight, input);
   if (output_mask[3] && present(bn_weight)) {
-    grad_bn_weight = (grad_output * xhat).sum(dims).to(param_dtype);
+    grad_bn_weight = (grad_bn_output * xhat).sum(dims).to(param_dtype);
   }
   if (output_mask[4]) {
-    grad_bn_bias = grad_output.sum(dims).to(param_dtype);
+    grad_bn_bias = grad_bn_output.sum(dims).to(param_dtype);
   }
   const bool has_bias = present(bias);
   if (output_mask[0] || output_mask[1] || (output_mask[2] && has_bias)) {
     const at::Tensor grad_xhat = present(bn_weight)
-        ? grad_output * bn_weight->view(per_channel)
-        : grad_output;
+        ? grad_bn_output * bn_weight->view(per_channel)
+        : grad_bn_output;
     const at::Tensor grad_y = invstd *
         (grad_xhat - grad_xhat.mean(dims, true) -
          xhat * (grad_xhat * xhat).mean(dims, true));

@@ -19,6 +19,7 @@
 // does not implement, differentiates the composite as written.
 #include "train_autograd_common.h"
 
+#include "../activation.h"
 #include "../checks.h"
 #include "../composite/fold_and_eval.h"
 #include "../conv_bn_common.h"
@@ -44,7 +45,8 @@ enum EvalInput { kInput, kWeight, kBias, kBnWeight, kBnBias, kMean, kVar };
 
 // Saves what the backward refolds from: input, weight, bias, bn_weight and
 // the running statistics (bn_bias only shifts the folded bias, so only its
-// presence is kept). The statistics are buffers that a training-mode call
+// presence is kept, unless keeps_bn_bias: a fused activation's input, which
+// the backward recomputes, depends on it). The statistics are buffers that a training-mode call
 // of the same layer updates in place, and may be inference tensors: unless
 // they are differentiated, the node keeps what it needs of them (a copy of
 // the mean and 1 / sqrt(var + eps), per channel) instead of the buffers.
@@ -57,7 +59,8 @@ void save_eval_inputs(
     const std::optional<Variable>& bn_bias,
     const Variable& running_mean,
     const Variable& running_var,
-    double eps) {
+    double eps,
+    bool keeps_bn_bias = false) {
   ctx->saved_data["eps"] = eps;
   ctx->saved_data["has_bn_bias"] = present(bn_bias);
   if (present(bn_bias)) {
@@ -75,7 +78,8 @@ void save_eval_inputs(
   }
   ctx->save_for_backward(
       {input, weight, bias.value_or(Variable()), bn_weight.value_or(Variable()),
-       mean, var_or_inv_std});
+       mean, var_or_inv_std,
+       keeps_bn_bias && present(bn_bias) ? *bn_bias : Variable()});
 }
 
 std::optional<at::ScalarType> saved_bn_bias_dtype(AutogradContext* ctx) {
@@ -115,6 +119,7 @@ struct SavedEval {
   // running_mean: the buffer, or its copy in the fold's dtype; running_var:
   // the buffer where the statistics are differentiated, else undefined.
   at::Tensor input, weight, bias, bn_weight, running_mean, running_var;
+  at::Tensor bn_bias; // kept for an activation, else undefined
   std::array<bool, 7> needs;
   OutputChannels where; // of a conv weight; a linear one's are dimension 0
   Fold fold;
@@ -131,7 +136,7 @@ struct SavedEval {
 SavedEval unpack_saved(AutogradContext* ctx) {
   const auto saved = ctx->get_saved_variables();
   SavedEval s{saved[0], saved[1], saved[2], saved[3], saved[4], at::Tensor(),
-              {}, {}, {}};
+              saved[6], {}, {}, {}};
   if (ctx->saved_data.count("transposed") > 0) {
     s.where = {ctx->saved_data["transposed"].toBool(),
                ctx->saved_data["groups"].toInt()};
@@ -208,6 +213,20 @@ void chain_through_fold(
   }
 }
 
+// b' = (b - mean) * scale + beta in the weight's dtype, as the composite
+// folds it (for the activation's input, recomputed in backward).
+at::Tensor folded_bias(const SavedEval& s) {
+  const Fold& fold = s.fold;
+  const at::Tensor centered_bias = s.bias.defined()
+      ? s.bias.to(fold.dtype) - s.running_mean.to(fold.dtype)
+      : -s.running_mean.to(fold.dtype);
+  at::Tensor b = centered_bias * fold.scale;
+  if (s.bn_bias.defined()) {
+    b = b + s.bn_bias.to(fold.dtype);
+  }
+  return b.to(s.weight.scalar_type());
+}
+
 class ConvBNEvalFunction
     : public torch::autograd::Function<ConvBNEvalFunction> {
  public:
@@ -226,14 +245,19 @@ class ConvBNEvalFunction
       int64_t groups,
       double eps,
       bool transposed,
-      at::IntArrayRef output_padding) {
+      at::IntArrayRef output_padding,
+      c10::string_view activation,
+      double negative_slope) {
     // The composite's ATen ops, with grad mode off (as in any forward):
     // they record nothing, and a tensor subclass sees them as ATen ops.
     at::Tensor output = conv_bn_eval_composite(
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-        stride, padding, dilation, groups, eps, transposed, output_padding);
+        stride, padding, dilation, groups, eps, transposed, output_padding,
+        activation, negative_slope);
     const ConvArgs conv = conv_args(
         stride, padding, dilation, groups, transposed, output_padding);
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["dilation"] = dilation;
@@ -242,14 +266,14 @@ class ConvBNEvalFunction
     ctx->saved_data["output_padding"] = conv.output_padding;
     save_eval_inputs(
         ctx, input, weight, bias, bn_weight, bn_bias, running_mean,
-        running_var, eps);
+        running_var, eps, /*keeps_bn_bias=*/activation != "identity");
     return output;
   }
 
   static variable_list backward(
       AutogradContext* ctx,
       const variable_list& grad_outputs) {
-    constexpr size_t kNumInputs = 14;
+    constexpr size_t kNumInputs = 16;
     const at::Tensor& grad_output = grad_outputs[0];
     variable_list grads(kNumInputs);
     if (!grad_output.defined()) {
@@ -258,14 +282,30 @@ class ConvBNEvalFunction
     const SavedEval s = unpack_saved(ctx);
     const int64_t out_channels =
         conv_out_channels(s.weight, s.where.transposed, s.where.groups);
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    const auto output_padding =
+        ctx->saved_data["output_padding"].toIntVector();
+    const Activation act = parse_activation(
+        "convbn.conv_bn_eval", ctx->saved_data["activation"].toStringRef(),
+        ctx->saved_data["negative_slope"].toDouble());
+    // The gradient at the conv's output: through the activation at its
+    // input, the folded conv's output, recomputed (the node keeps no
+    // output-sized tensor).
+    at::Tensor grad_conv_output = grad_output;
+    if (!act.is_identity()) {
+      const at::Tensor z = at::convolution(
+          s.input, s.fold.weight, folded_bias(s), stride, padding,
+          dilation, s.where.transposed, output_padding, s.where.groups);
+      grad_conv_output = activation_backward(grad_output, z, act);
+    }
     auto [grad_input, grad_folded_weight, grad_folded_bias] =
         at::convolution_backward(
-            grad_output, s.input, s.fold.weight,
-            at::OptionalIntArrayRef(at::IntArrayRef(out_channels)),
-            ctx->saved_data["stride"].toIntVector(),
-            ctx->saved_data["padding"].toIntVector(),
-            ctx->saved_data["dilation"].toIntVector(), s.where.transposed,
-            ctx->saved_data["output_padding"].toIntVector(), s.where.groups,
+            grad_conv_output, s.input, s.fold.weight,
+            at::OptionalIntArrayRef(at::IntArrayRef(out_channels)), stride,
+            padding, dilation, s.where.transposed, output_padding,
+            s.where.groups,
             {s.needs[kInput], s.needs_folded_weight_grad(),
              s.needs_folded_bias_grad()});
     grads[kInput] = grad_input;
@@ -370,17 +410,21 @@ at::Tensor conv_bn_eval_autograd(
     int64_t groups,
     double eps,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   if (!uses_node(
           {&input, &weight, &or_undefined(bias), &or_undefined(bn_weight),
            &or_undefined(bn_bias), &running_mean, &running_var})) {
     return conv_bn_eval_composite(
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-        stride, padding, dilation, groups, eps, transposed, output_padding);
+        stride, padding, dilation, groups, eps, transposed, output_padding,
+        activation, negative_slope);
   }
   return ConvBNEvalFunction::apply(
       input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-      stride, padding, dilation, groups, eps, transposed, output_padding);
+      stride, padding, dilation, groups, eps, transposed, output_padding,
+      activation, negative_slope);
 }
 
 at::Tensor linear_bn_eval_autograd(

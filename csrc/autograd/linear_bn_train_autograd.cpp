@@ -191,11 +191,11 @@ linear_bn_train_backward_autograd(
     auto [grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias] =
         differentiable_conv_bn_backward(
             as_1x1(grad_output), as_1x1(input), as_1x1(weight), bias,
-            bn_weight,
+            bn_weight, /*bn_bias=*/std::nullopt,
             conv_args(/*stride=*/{1, 1}, /*padding=*/{0, 0},
                       /*dilation=*/{1, 1}, /*groups=*/1,
                       /*transposed=*/false, /*output_padding=*/{}),
-            eps, output_mask);
+            eps, output_mask, Activation{});
     return {from_1x1(grad_input), from_1x1(grad_weight), grad_bias,
             grad_bn_weight, grad_bn_bias};
   }

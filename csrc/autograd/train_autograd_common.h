@@ -2,6 +2,7 @@
 // (autograd/*_train_autograd.cpp); eval_autograd.cpp uses its input mask.
 #pragma once
 
+#include "../activation.h"
 #include "../conv_bn_common.h"
 
 #include <torch/autograd.h>
@@ -76,19 +77,21 @@ inline at::Tensor grad_or_zeros(
 
 // A backward op called with grad mode on and an input that requires grad is
 // itself being differentiated (double backward): it must record a graph.
+// bn_bias counts where the backward depends on it (a fused activation).
 inline bool records_graph(
     const at::Tensor& grad_output,
     const at::Tensor& input,
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& bn_weight) {
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias = std::nullopt) {
   auto requires_grad = [](const std::optional<at::Tensor>& t) {
     return present(t) && t->requires_grad();
   };
   return at::GradMode::is_enabled() &&
       (grad_output.requires_grad() || input.requires_grad() ||
        weight.requires_grad() || requires_grad(bias) ||
-       requires_grad(bn_weight));
+       requires_grad(bn_weight) || requires_grad(bn_bias));
 }
 
 // The synchronized backward ops have no double backward (nor has
@@ -99,9 +102,10 @@ inline void check_no_double_backward(
     const at::Tensor& input,
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& bn_weight) {
+    const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias = std::nullopt) {
   TORCH_CHECK(
-      !records_graph(grad_output, input, weight, bias, bn_weight),
+      !records_graph(grad_output, input, weight, bias, bn_weight, bn_bias),
       op, ": double backward (create_graph=True through a synchronized "
       "batch norm) is not supported, as with nn.SyncBatchNorm; use the "
       "per-process module for higher-order gradients");
@@ -117,8 +121,10 @@ differentiable_conv_bn_backward(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias,
     const ConvArgs& conv,
     double eps,
-    std::array<bool, 5> output_mask);
+    std::array<bool, 5> output_mask,
+    const Activation& act);
 
 } // namespace convbn

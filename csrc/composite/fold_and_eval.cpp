@@ -8,9 +8,11 @@
 // the fold and one aten.convolution. On CPU and CUDA the eval operators have
 // autograd kernels of their own (autograd/eval_autograd.cpp); fold_conv_bn
 // is differentiated as written, to any order. The fold is computed in float32 (float64 for float64
-// data) and only its results are cast to the weight's dtype.
+// data) and only its results are cast to the weight's dtype. conv_bn_eval
+// then applies its activation in place on the conv output.
 #include "fold_and_eval.h"
 
+#include "../activation.h"
 #include "../checks.h"
 #include "../conv_bn_common.h"
 #include "../convbn.h"
@@ -164,7 +166,9 @@ at::Tensor conv_bn_eval_composite(
     int64_t groups,
     double eps,
     bool transposed,
-    at::IntArrayRef output_padding) {
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope) {
   constexpr const char* kOp = "convbn.conv_bn_eval";
   // fold_conv_bn checks the running statistics (on weight's device, which
   // check_conv_bn_args ties to input's).
@@ -176,9 +180,13 @@ at::Tensor conv_bn_eval_composite(
   const auto [folded_weight, folded_bias] = fold_conv_bn_composite(
       weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
       transposed, groups);
-  return at::convolution(
+  const Activation act = parse_activation(kOp, activation, negative_slope);
+  at::Tensor output = at::convolution(
       input, folded_weight, folded_bias, conv.stride, conv.padding,
       conv.dilation, conv.transposed, conv.output_padding, conv.groups);
+  // In place on the conv's fresh output: one output-sized buffer at a time.
+  apply_activation_(output, act);
+  return output;
 }
 
 at::Tensor linear_bn_eval_composite(

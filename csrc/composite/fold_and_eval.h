@@ -50,7 +50,9 @@ at::Tensor conv_bn_eval_composite(
     int64_t groups,
     double eps,
     bool transposed,
-    at::IntArrayRef output_padding);
+    at::IntArrayRef output_padding,
+    c10::string_view activation,
+    double negative_slope);
 
 at::Tensor linear_bn_eval_composite(
     const at::Tensor& input,

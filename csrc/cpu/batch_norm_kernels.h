@@ -78,6 +78,77 @@ T lane_sum(const at::vec::Vectorized<T>& v) {
 }
 
 // ---------------------------------------------------------------------------
+// Activations (activation.h) on vector registers of float or double, the
+// same formulas as the scalar ones there. The kind is a template argument
+// (dispatch_activation), so the loops carry no branch per element.
+
+template <typename T>
+at::vec::Vectorized<T> vec_sigmoid(const at::vec::Vectorized<T>& z) {
+  using Vec = at::vec::Vectorized<T>;
+  return Vec(T(1)) / (Vec(T(1)) + z.neg().exp());
+}
+
+// f(z); maximum/minimum propagate NaN, as torch.relu and clamp do.
+template <ActivationKind K, typename T>
+at::vec::Vectorized<T> vec_activation(at::vec::Vectorized<T> z, T slope) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec zero(T(0));
+  if constexpr (K == ActivationKind::identity) {
+    return z;
+  } else if constexpr (K == ActivationKind::relu) {
+    return at::vec::maximum(z, zero);
+  } else if constexpr (K == ActivationKind::relu6) {
+    return at::vec::minimum(at::vec::maximum(z, zero), Vec(T(6)));
+  } else if constexpr (K == ActivationKind::leaky_relu) {
+    return Vec::blendv(z * Vec(slope), z, z > zero);
+  } else if constexpr (K == ActivationKind::silu) {
+    return z * vec_sigmoid(z);
+  } else if constexpr (K == ActivationKind::hardswish) {
+    return z *
+        at::vec::minimum(at::vec::maximum(z + Vec(T(3)), zero), Vec(T(6))) /
+        Vec(T(6));
+  } else if constexpr (K == ActivationKind::sigmoid) {
+    return vec_sigmoid(z);
+  } else {
+    return Vec(T(0.5)) * z *
+        (Vec(T(1)) + (z * Vec(T(0.7071067811865476))).erf());
+  }
+}
+
+// f'(z), with activation_derivative's values at the kinks.
+template <ActivationKind K, typename T>
+at::vec::Vectorized<T> vec_activation_derivative(
+    at::vec::Vectorized<T> z,
+    T slope) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec zero(T(0)), one(T(1));
+  if constexpr (K == ActivationKind::identity) {
+    return one;
+  } else if constexpr (K == ActivationKind::relu) {
+    return Vec::blendv(zero, one, z > zero);
+  } else if constexpr (K == ActivationKind::relu6) {
+    return Vec::blendv(zero, one, (z > zero) & (z < Vec(T(6))));
+  } else if constexpr (K == ActivationKind::leaky_relu) {
+    return Vec::blendv(Vec(slope), one, z > zero);
+  } else if constexpr (K == ActivationKind::silu) {
+    const Vec s = vec_sigmoid(z);
+    return s * (one + z * (one - s));
+  } else if constexpr (K == ActivationKind::hardswish) {
+    const Vec middle = z / Vec(T(3)) + Vec(T(0.5));
+    return Vec::blendv(
+        Vec::blendv(middle, one, z > Vec(T(3))), zero, z < Vec(T(-3)));
+  } else if constexpr (K == ActivationKind::sigmoid) {
+    const Vec s = vec_sigmoid(z);
+    return s * (one - s);
+  } else {
+    const Vec cdf =
+        Vec(T(0.5)) * (one + (z * Vec(T(0.7071067811865476))).erf());
+    const Vec pdf = (Vec(T(-0.5)) * z * z).exp() * Vec(T(0.3989422804014327));
+    return cdf + z * pdf;
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Contiguous spans: one (image, channel) plane in NCHW.
 
 // sum(x - pivot)
@@ -164,9 +235,9 @@ std::array<opmath_t<T>, 2> span_sum_and_dot_centered(
   return {s_dy, s_dot};
 }
 
-// out = a * ((u - mu) + b * (v - m)) + c (the v term only when HasV), in
-// this order (see channel_affine). out may be u or v.
-template <typename T, bool HasV>
+// out = f(a * ((u - mu) + b * (v - m)) + c) (the v term only when HasV), in
+// this order (see channel_affine), f the activation K. out may be u or v.
+template <typename T, bool HasV, ActivationKind K>
 void span_affine(
     T* out,
     const T* u,
@@ -176,6 +247,7 @@ void span_affine(
     opmath_t<T> b,
     opmath_t<T> m,
     opmath_t<T> c,
+    opmath_t<T> slope,
     int64_t n) {
   using acc_t = opmath_t<T>;
   int64_t i = 0;
@@ -187,7 +259,7 @@ void span_affine(
       if constexpr (HasV) {
         t = at::vec::fmadd(Vec::loadu(v + i) - vm, vb, t);
       }
-      at::vec::fmadd(t, va, vc).store(out + i);
+      vec_activation<K>(at::vec::fmadd(t, va, vc), slope).store(out + i);
     }
   }
   for (; i < n; ++i) {
@@ -195,7 +267,35 @@ void span_affine(
     if constexpr (HasV) {
       t += b * (acc_t(v[i]) - m);
     }
-    out[i] = T(a * t + c);
+    out[i] = T(activation_forward(K, slope, a * t + c));
+  }
+}
+
+// dz = dy * f'(a * (y - mean) + c), z computed as span_affine computes it.
+template <typename T, ActivationKind K>
+void span_activation_grad(
+    T* dz,
+    const T* dy,
+    const T* y,
+    opmath_t<T> a,
+    opmath_t<T> mean,
+    opmath_t<T> c,
+    opmath_t<T> slope,
+    int64_t n) {
+  using acc_t = opmath_t<T>;
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    const Vec va(a), vmean(mean), vc(c);
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec z = at::vec::fmadd(Vec::loadu(y + i) - vmean, va, vc);
+      (Vec::loadu(dy + i) * vec_activation_derivative<K>(z, slope))
+          .store(dz + i);
+    }
+  }
+  for (; i < n; ++i) {
+    const acc_t z = a * (acc_t(y[i]) - mean) + c;
+    dz[i] = T(acc_t(dy[i]) * activation_derivative(K, slope, z));
   }
 }
 
@@ -266,9 +366,9 @@ void row_add_sum_and_dot_centered(
   }
 }
 
-// out[c] = a[c] * ((u[c] - mu[c]) + b[c] * (v[c] - m[c])) + c0[c] (the v
+// out[c] = f(a[c] * ((u[c] - mu[c]) + b[c] * (v[c] - m[c])) + c0[c]) (the v
 // term only when HasV), as span_affine.
-template <typename T, bool HasV>
+template <typename T, bool HasV, ActivationKind K>
 void row_affine(
     T* out,
     const T* u,
@@ -278,6 +378,7 @@ void row_affine(
     const opmath_t<T>* b,
     const opmath_t<T>* m,
     const opmath_t<T>* c0,
+    opmath_t<T> slope,
     int64_t C) {
   int64_t c = 0;
   if constexpr (kVectorized<T>) {
@@ -288,7 +389,9 @@ void row_affine(
         t = at::vec::fmadd(
             Vec::loadu(v + c) - Vec::loadu(m + c), Vec::loadu(b + c), t);
       }
-      at::vec::fmadd(t, Vec::loadu(a + c), Vec::loadu(c0 + c)).store(out + c);
+      vec_activation<K>(
+          at::vec::fmadd(t, Vec::loadu(a + c), Vec::loadu(c0 + c)), slope)
+          .store(out + c);
     }
   }
   for (; c < C; ++c) {
@@ -296,7 +399,37 @@ void row_affine(
     if constexpr (HasV) {
       t += b[c] * (opmath_t<T>(v[c]) - m[c]);
     }
-    out[c] = T(a[c] * t + c0[c]);
+    out[c] = T(activation_forward(K, slope, a[c] * t + c0[c]));
+  }
+}
+
+// dz[c] = dy[c] * f'(a[c] * (y[c] - mean[c]) + c0[c]), as row_affine
+// computes z.
+template <typename T, ActivationKind K>
+void row_activation_grad(
+    T* dz,
+    const T* dy,
+    const T* y,
+    const opmath_t<T>* a,
+    const opmath_t<T>* mean,
+    const opmath_t<T>* c0,
+    opmath_t<T> slope,
+    int64_t C) {
+  using acc_t = opmath_t<T>;
+  int64_t c = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    for (; c + Vec::size() <= C; c += Vec::size()) {
+      const Vec z = at::vec::fmadd(
+          Vec::loadu(y + c) - Vec::loadu(mean + c), Vec::loadu(a + c),
+          Vec::loadu(c0 + c));
+      (Vec::loadu(dy + c) * vec_activation_derivative<K>(z, slope))
+          .store(dz + c);
+    }
+  }
+  for (; c < C; ++c) {
+    const acc_t z = a[c] * (acc_t(y[c]) - mean[c]) + c0[c];
+    dz[c] = T(acc_t(dy[c]) * activation_derivative(K, slope, z));
   }
 }
 
@@ -477,10 +610,39 @@ void batch_grad_sums(
   }
 }
 
-// Per channel, elementwise: out = a[c] * ((u - mu[c]) + b[c] * (v - m[c]))
-// + c0[c], the b term when `centered` = {v, b, m} is given (kernel_table.h
-// says why in this order). a, mu, b, m, c0 are 1-D opmath tensors; out may
-// alias u or v.
+// The elementwise passes' walk, in parallel: plane_fn(p, c) for each
+// (image, channel) plane p = n * C + c of an NCHW tensor, or row_fn(r) for
+// each row r of a channels_last one.
+template <typename PlaneFn, typename RowFn>
+void for_each_plane_or_row(
+    const ChannelLayout& L,
+    const PlaneFn& plane_fn,
+    const RowFn& row_fn) {
+  if (!L.channels_last) {
+    const int64_t grain =
+        std::max<int64_t>(1, at::internal::GRAIN_SIZE / L.spatial);
+    at::parallel_for(0, L.batch * L.channels, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        plane_fn(p, p % L.channels);
+      }
+    });
+  } else {
+    const int64_t grain =
+        std::max<int64_t>(1, at::internal::GRAIN_SIZE / L.channels);
+    at::parallel_for(
+        0, L.values_per_channel(), grain, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            row_fn(r);
+          }
+        });
+  }
+}
+
+// Per channel, elementwise: out = f(a[c] * ((u - mu[c]) + b[c] * (v - m[c]))
+// + c0[c]), the b term when `centered` = {v, b, m} is given (kernel_table.h
+// says why in this order), f the activation (identity with the b term: the
+// backward's grad-input pass). a, mu, b, m, c0 are 1-D opmath tensors; out
+// may alias u or v.
 template <typename T>
 void channel_affine(
     at::Tensor& out,
@@ -488,12 +650,14 @@ void channel_affine(
     const at::Tensor& a,
     const at::Tensor& mu,
     const at::Tensor& c0,
-    const CenteredTerm* centered) {
+    const CenteredTerm* centered,
+    const Activation& act) {
   using acc_t = opmath_t<T>;
   const ChannelLayout L = channel_layout(u);
   check_walks_like(out, L.channels_last, "out");
   if (centered != nullptr) {
     check_walks_like(centered->v, L.channels_last, "v");
+    TORCH_INTERNAL_ASSERT(act.is_identity());
   }
   const int64_t C = L.channels, HW = L.spatial;
   T* out_data = out.data_ptr<T>();
@@ -504,37 +668,74 @@ void channel_affine(
   const acc_t* b_data = centered ? centered->b.const_data_ptr<acc_t>() : nullptr;
   const acc_t* m_data = centered ? centered->m.const_data_ptr<acc_t>() : nullptr;
   const acc_t* c_data = c0.const_data_ptr<acc_t>();
+  const acc_t slope = static_cast<acc_t>(act.negative_slope);
 
-  auto run = [&](auto has_v) {
+  auto run = [&](auto has_v, auto kind) {
     constexpr bool HasV = decltype(has_v)::value;
-    if (!L.channels_last) {
-      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / HW);
-      at::parallel_for(0, L.batch * C, grain, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t c = p % C;
-          span_affine<T, HasV>(
+    constexpr ActivationKind K = decltype(kind)::value;
+    for_each_plane_or_row(
+        L,
+        [&](int64_t p, int64_t c) {
+          span_affine<T, HasV, K>(
               out_data + p * HW, u_data + p * HW, a_data[c], mu_data[c],
               HasV ? v_data + p * HW : nullptr, HasV ? b_data[c] : acc_t(0),
-              HasV ? m_data[c] : acc_t(0), c_data[c], HW);
-        }
-      });
-    } else {
-      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
-      at::parallel_for(
-          0, L.values_per_channel(), grain, [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) {
-              row_affine<T, HasV>(
-                  out_data + r * C, u_data + r * C, a_data, mu_data,
-                  HasV ? v_data + r * C : nullptr, b_data, m_data, c_data, C);
-            }
-          });
-    }
+              HasV ? m_data[c] : acc_t(0), c_data[c], slope, HW);
+        },
+        [&](int64_t r) {
+          row_affine<T, HasV, K>(
+              out_data + r * C, u_data + r * C, a_data, mu_data,
+              HasV ? v_data + r * C : nullptr, b_data, m_data, c_data, slope,
+              C);
+        });
   };
   if (centered != nullptr) {
-    run(std::true_type{});
+    run(std::true_type{}, ActivationTag<ActivationKind::identity>{});
   } else {
-    run(std::false_type{});
+    dispatch_activation(
+        act.kind, [&](auto kind) { run(std::false_type{}, kind); });
   }
+}
+
+// Per channel, elementwise: dz = dy * f'(a[c] * (y - mean[c]) + c0[c]), the
+// activation's input z computed as channel_affine computes it. dy, y and dz
+// are dense in one layout; dz may alias dy.
+template <typename T>
+void activation_grad(
+    at::Tensor& dz,
+    const at::Tensor& dy,
+    const at::Tensor& y,
+    const at::Tensor& a,
+    const at::Tensor& mean,
+    const at::Tensor& c0,
+    const Activation& act) {
+  using acc_t = opmath_t<T>;
+  const ChannelLayout L = channel_layout(y);
+  check_walks_like(dy, L.channels_last, "dy");
+  check_walks_like(dz, L.channels_last, "dz");
+  const int64_t C = L.channels, HW = L.spatial;
+  T* dz_data = dz.data_ptr<T>();
+  const T* dy_data = dy.const_data_ptr<T>();
+  const T* y_data = y.const_data_ptr<T>();
+  const acc_t* a_data = a.const_data_ptr<acc_t>();
+  const acc_t* mean_data = mean.const_data_ptr<acc_t>();
+  const acc_t* c_data = c0.const_data_ptr<acc_t>();
+  const acc_t slope = static_cast<acc_t>(act.negative_slope);
+
+  dispatch_activation(act.kind, [&](auto kind) {
+    constexpr ActivationKind K = decltype(kind)::value;
+    for_each_plane_or_row(
+        L,
+        [&](int64_t p, int64_t c) {
+          span_activation_grad<T, K>(
+              dz_data + p * HW, dy_data + p * HW, y_data + p * HW, a_data[c],
+              mean_data[c], c_data[c], slope, HW);
+        },
+        [&](int64_t r) {
+          row_activation_grad<T, K>(
+              dz_data + r * C, dy_data + r * C, y_data + r * C, a_data,
+              mean_data, c_data, slope, C);
+        });
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -569,9 +770,23 @@ inline void dispatch_channel_affine(
     const at::Tensor& a,
     const at::Tensor& mu,
     const at::Tensor& c0,
-    const CenteredTerm* centered) {
+    const CenteredTerm* centered,
+    const Activation& act) {
   CONVBN_DISPATCH_FLOATING(u.scalar_type(), "convbn_channel_affine", [&] {
-    channel_affine<scalar_t>(out, u, a, mu, c0, centered);
+    channel_affine<scalar_t>(out, u, a, mu, c0, centered, act);
+  });
+}
+
+inline void dispatch_activation_grad(
+    at::Tensor& dz,
+    const at::Tensor& dy,
+    const at::Tensor& y,
+    const at::Tensor& a,
+    const at::Tensor& mean,
+    const at::Tensor& c0,
+    const Activation& act) {
+  CONVBN_DISPATCH_FLOATING(y.scalar_type(), "convbn_activation_grad", [&] {
+    activation_grad<scalar_t>(dz, dy, y, a, mean, c0, act);
   });
 }
 
@@ -580,7 +795,7 @@ inline void dispatch_channel_affine(
 inline const KernelTable& kernel_table() {
   static const KernelTable table{
       &dispatch_batch_mean_var, &dispatch_batch_grad_sums,
-      &dispatch_channel_affine};
+      &dispatch_channel_affine, &dispatch_activation_grad};
   return table;
 }
 

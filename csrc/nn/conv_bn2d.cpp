@@ -2,6 +2,7 @@
 // computing is done by the convbn operators through the dispatcher.
 #include "conv_bn2d.h"
 
+#include "../activation.h"
 #include "../conv_bn_common.h"
 #include "../convbn.h"
 
@@ -127,6 +128,7 @@ ConvBN2dImpl::ConvBN2dImpl(ConvBN2dOptions options) : options(std::move(options)
 void ConvBN2dImpl::reset() {
   const auto& o = options;
   TORCH_CHECK(o.groups() > 0, kModule, ": groups must be a positive integer, got ", o.groups());
+  parse_activation(kModule, o.activation(), o.negative_slope());
   TORCH_CHECK(
       o.in_channels() > 0 && o.in_channels() % o.groups() == 0,
       kModule, ": in_channels (", o.in_channels(),
@@ -237,12 +239,16 @@ torch::Tensor ConvBN2dImpl::forward(const torch::Tensor& input) {
     return conv_bn_eval(
         x, weight, optional_of(bias), optional_of(bn_weight),
         optional_of(bn_bias), running_mean, running_var, stride,
-        conv_padding_, dilation, options.groups(), options.eps());
+        conv_padding_, dilation, options.groups(), options.eps(),
+        /*transposed=*/false, /*output_padding=*/{}, options.activation(),
+        options.negative_slope());
   }
   auto [output, save_mean, save_invstd, conv_output] = conv_bn_train(
       x, weight, optional_of(bias), optional_of(bn_weight),
       optional_of(bn_bias), stride, conv_padding_, dilation,
-      options.groups(), options.eps(), options.memory_efficient());
+      options.groups(), options.eps(), options.memory_efficient(),
+      /*transposed=*/false, /*output_padding=*/{}, options.activation(),
+      options.negative_slope());
   // Only once the compute succeeded: an error leaves the statistics as they were.
   if (is_training() && running_mean.defined()) {
     update_running_stats(
@@ -292,7 +298,14 @@ void ConvBN2dImpl::pretty_print(std::ostream& stream) const {
   }
   stream << ", affine=" << o.affine()
          << ", track_running_stats=" << o.track_running_stats()
-         << ", memory_efficient=" << o.memory_efficient() << ")";
+         << ", memory_efficient=" << o.memory_efficient();
+  if (o.activation() != "identity") {
+    stream << ", activation=" << o.activation();
+    if (o.activation() == "leaky_relu") {
+      stream << ", negative_slope=" << o.negative_slope();
+    }
+  }
+  stream << ")";
 }
 
 ConvBN2d from_modules(

@@ -13,6 +13,8 @@
 // its own nn.Module).
 #pragma once
 
+#include <string>
+
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
@@ -81,6 +83,11 @@ struct ConvBN2dOptions {
   // Keep only the input, weights and per-channel statistics for backward and
   // recompute the convolution there (true), or keep the conv output (false).
   TORCH_ARG(bool, memory_efficient) = true;
+  // Applied to the normalized output in the same pass: "identity", "relu",
+  // "relu6", "leaky_relu" (with negative_slope), "silu", "hardswish",
+  // "sigmoid" or "gelu" (torch::nn::GELU's default, approximate "none").
+  TORCH_ARG(std::string, activation) = "identity";
+  TORCH_ARG(double, negative_slope) = 0.01;
 
  private:
   template <typename ConvOptions>

@@ -4,8 +4,12 @@ FakeTensor. They use symbolic sizes as they come, so a varying batch size
 needs no recompilation. conv_bn_eval and linear_bn_eval are
 CompositeImplicitAutograd and need none. Argument errors are raised by the real kernels (csrc/checks.cpp)."""
 
+import math
+
 import torch
 from torch._prims_common import suggest_memory_format
+
+from .activation import ACTIVATIONS
 
 
 def _stats_dtype(dtype):
@@ -42,13 +46,25 @@ def _conv_output_size(input, weight, stride, padding, dilation, groups, transpos
     return (input.shape[0], weight.shape[0], *spatial)
 
 
+def _check_activation(op, activation, negative_slope):
+    """The kernels' check (csrc/activation.cpp), so that fake tensors raise
+    the same ValueError."""
+    if not math.isfinite(negative_slope):
+        raise ValueError(f"{op}: `negative_slope` must be a finite number, got {negative_slope}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{op}: unknown `activation` '{activation}'; expected one of "
+            + ", ".join(f"'{a}'" for a in ACTIVATIONS) + " (nn.GELU() with approximate='none')")
+
+
 @torch.library.register_fake("convbn::conv_bn_train")
 def _conv_bn_train_fake(
     input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, memory_efficient=True,
-    transposed=False, output_padding=(),
+    transposed=False, output_padding=(), activation="identity", negative_slope=0.01,
 ):
     _check_same_device("convbn.conv_bn_train", input, weight=weight, bias=bias,
                        bn_weight=bn_weight, bn_bias=bn_bias)
+    _check_activation("convbn.conv_bn_train", activation, negative_slope)
     size = _conv_output_size(input, weight, stride, padding, dilation, groups, transposed, output_padding)
     fmt = suggest_memory_format(input)
     output = torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
@@ -61,10 +77,12 @@ def _conv_bn_train_fake(
 def _conv_bn_train_backward_fake(
     grad_output, input, weight, bias, bn_weight, conv_output, save_mean, save_invstd,
     stride, padding, dilation, groups, eps, output_mask, transposed=False, output_padding=(),
+    bn_bias=None, activation="identity", negative_slope=0.01,
 ):
     _check_same_device("convbn.conv_bn_train_backward", input, grad_output=grad_output,
                        weight=weight, bias=bias, bn_weight=bn_weight, conv_output=conv_output,
-                       save_mean=save_mean, save_invstd=save_invstd)
+                       save_mean=save_mean, save_invstd=save_invstd, bn_bias=bn_bias)
+    _check_activation("convbn.conv_bn_train_backward", activation, negative_slope)
     return _train_backward_fake(input, weight, bias, bn_weight, output_mask, save_mean.shape[0])
 
 
@@ -72,10 +90,11 @@ def _conv_bn_train_backward_fake(
 def _sync_conv_bn_train_fake(
     input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
     group_name, group_size, memory_efficient=True, transposed=False, output_padding=(),
+    activation="identity", negative_slope=0.01,
 ):
     results = _conv_bn_train_fake(
         input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps, memory_efficient,
-        transposed, output_padding,
+        transposed, output_padding, activation, negative_slope,
     )
     # count: the group's values per channel, a host-side 0-dim int64 tensor.
     return (*results, torch.empty((), dtype=torch.long, device="cpu"))
@@ -85,11 +104,12 @@ def _sync_conv_bn_train_fake(
 def _sync_conv_bn_train_backward_fake(
     grad_output, input, weight, bias, bn_weight, conv_output, save_mean, save_invstd,
     stride, padding, dilation, groups, eps, group_name, group_size, count, output_mask, transposed=False,
-    output_padding=(),
+    output_padding=(), bn_bias=None, activation="identity", negative_slope=0.01,
 ):
     _check_same_device("convbn.sync_conv_bn_train_backward", input, grad_output=grad_output,
                        weight=weight, bias=bias, bn_weight=bn_weight, conv_output=conv_output,
-                       save_mean=save_mean, save_invstd=save_invstd)
+                       save_mean=save_mean, save_invstd=save_invstd, bn_bias=bn_bias)
+    _check_activation("convbn.sync_conv_bn_train_backward", activation, negative_slope)
     return _train_backward_fake(input, weight, bias, bn_weight, output_mask, save_mean.shape[0])
 
 

@@ -140,9 +140,40 @@ def fold_conv_bn_symbolic(g, weight, bias, bn_weight, bn_bias, running_mean, run
     return _fold(g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, transposed, groups)
 
 
-@parse_args("v", "v", "v", "v", "v", "v", "v", "is", "is", "is", "i", "f", "b", "is")
+_SQRT1_2 = 0.7071067811865476
+
+
+def _activation_symbolic(g, x, activation: str, negative_slope: float):
+    """The fused activation as ONNX nodes after the folded Conv; constants in
+    x's dtype. Every node exists from opset 7 (HardSigmoid, Erf: opset 6/9)."""
+    if activation == "identity":
+        return x
+
+    def const(value: float):
+        return g.op("Constant", value_t=torch.tensor(value, dtype=_dtype(x) or torch.float32))
+
+    if activation == "relu":
+        return g.op("Relu", x)
+    if activation == "relu6":  # 6 * clip(x / 6, 0, 1)
+        return g.op("Mul", g.op("HardSigmoid", x, alpha_f=1.0 / 6.0, beta_f=0.0), const(6.0))
+    if activation == "leaky_relu":
+        return g.op("LeakyRelu", x, alpha_f=negative_slope)
+    if activation == "silu":
+        return g.op("Mul", x, g.op("Sigmoid", x))
+    if activation == "hardswish":  # x * clip(x / 6 + 1/2, 0, 1)
+        return g.op("Mul", x, g.op("HardSigmoid", x, alpha_f=1.0 / 6.0, beta_f=0.5))
+    if activation == "sigmoid":
+        return g.op("Sigmoid", x)
+    if activation == "gelu":  # x / 2 * (1 + erf(x / sqrt(2)))
+        half_x = g.op("Mul", x, const(0.5))
+        return g.op("Mul", half_x, g.op("Add", const(1.0), g.op("Erf", g.op("Mul", x, const(_SQRT1_2)))))
+    raise RuntimeError(f"convbn: no ONNX form for the activation {activation!r}")
+
+
+@parse_args("v", "v", "v", "v", "v", "v", "v", "is", "is", "is", "i", "f", "b", "is", "s", "f")
 def conv_bn_eval_symbolic(g, input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                          stride, padding, dilation, groups, eps, transposed=False, output_padding=None):
+                          stride, padding, dilation, groups, eps, transposed=False, output_padding=None,
+                          activation="identity", negative_slope=0.01):
     folded_weight, folded_bias = _fold(
         g, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, transposed, groups)
     attributes = {"strides_i": stride, "pads_i": padding + padding, "dilations_i": dilation, "group_i": groups}
@@ -152,8 +183,10 @@ def conv_bn_eval_symbolic(g, input, weight, bias, bn_weight, bn_bias, running_me
     if transposed:
         if output_padding and any(output_padding):
             attributes["output_padding_i"] = output_padding
-        return g.op("ConvTranspose", input, folded_weight, folded_bias, **attributes)
-    return g.op("Conv", input, folded_weight, folded_bias, **attributes)
+        output = g.op("ConvTranspose", input, folded_weight, folded_bias, **attributes)
+    else:
+        output = g.op("Conv", input, folded_weight, folded_bias, **attributes)
+    return _activation_symbolic(g, output, activation, negative_slope)
 
 
 @parse_args("v", "v", "v", "v", "v", "v", "v", "f")
@@ -228,11 +261,37 @@ def _batch_norm_inference(op, output, weight, bn_weight, bn_bias, running_mean, 
         per_channel(running_var, 1.0), epsilon=eps)
 
 
+def _activation_translation(op, x, activation: str, negative_slope: float):
+    """The fused activation as ONNX nodes (opset 18) after the Conv."""
+    if activation == "identity":
+        return x
+
+    def const(value: float):
+        return op.CastLike(op.Constant(value_float=value), x)
+
+    if activation == "relu":
+        return op.Relu(x)
+    if activation == "relu6":
+        return op.Clip(x, const(0.0), const(6.0))
+    if activation == "leaky_relu":
+        return op.LeakyRelu(x, alpha=negative_slope)
+    if activation == "silu":
+        return op.Mul(x, op.Sigmoid(x))
+    if activation == "hardswish":
+        return op.HardSwish(x)
+    if activation == "sigmoid":
+        return op.Sigmoid(x)
+    if activation == "gelu":
+        return op.Mul(op.Mul(x, const(0.5)), op.Add(const(1.0), op.Erf(op.Mul(x, const(_SQRT1_2)))))
+    raise RuntimeError(f"convbn: no ONNX form for the activation {activation!r}")
+
+
 def conv_bn_eval_translation(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                             stride, padding, dilation, groups, eps, transposed=False, output_padding=()):
-    """convbn::conv_bn_eval as Conv (ConvTranspose) then BatchNormalization:
-    one Conv with the folded weight and bias once the exporter has optimized
-    the graph."""
+                             stride, padding, dilation, groups, eps, transposed=False, output_padding=(),
+                             activation="identity", negative_slope=0.01):
+    """convbn::conv_bn_eval as Conv (ConvTranspose) then BatchNormalization,
+    then its activation: one Conv with the folded weight and bias once the
+    exporter has optimized the graph."""
     op = _onnxscript_opset()
     if transposed:
         extra = {"output_padding": list(output_padding)} if any(output_padding) else {}
@@ -241,7 +300,8 @@ def conv_bn_eval_translation(input, weight, bias, bn_weight, bn_bias, running_me
     else:
         output = op.Conv(*_present(input, weight, bias), strides=list(stride), pads=list(padding) * 2,
                          dilations=list(dilation), group=groups)
-    return _batch_norm_inference(op, output, weight, bn_weight, bn_bias, running_mean, running_var, eps)
+    normalized = _batch_norm_inference(op, output, weight, bn_weight, bn_bias, running_mean, running_var, eps)
+    return _activation_translation(op, normalized, activation, negative_slope)
 
 
 def linear_bn_eval_translation(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):

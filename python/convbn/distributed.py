@@ -115,7 +115,8 @@ class _SyncConvBNNd(_Synchronized):
             )
         sync = cls(
             **_conv_arguments(module), **_batch_norm_arguments(module), memory_efficient=module.memory_efficient,
-            process_group=process_group, device="meta",
+            process_group=process_group, device="meta", activation=module.activation,
+            negative_slope=module.negative_slope,
         )
         sync._share_state_of(module)
         return sync
@@ -148,11 +149,14 @@ class SyncConvBN2d(_SyncConvBNNd, ConvBN2d):
         process_group: Optional[dist.ProcessGroup] = None,
         device=None,
         dtype=None,
+        activation: str = "identity",
+        negative_slope: float = 0.01,
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, eps, momentum, affine, track_running_stats, memory_efficient,
-            process_group=process_group, device=device, dtype=dtype,
+            process_group=process_group, device=device, dtype=dtype, activation=activation,
+            negative_slope=negative_slope,
         )
 
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .activation import apply_activation, check_activation
+
 try:  # torch >= 2.9 tells symbolic tracing apart from torch.export
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 except ImportError:
@@ -147,10 +149,12 @@ def conv_bn(
     memory_efficient: bool = True,
     transposed: bool = False,
     output_padding: _Ints = 0,
+    activation: str = "identity",
+    negative_slope: float = 0.01,
 ) -> Tensor:
     """``F.batch_norm(F.conv2d(input, weight, bias, stride, padding, dilation,
     groups), running_mean, running_var, bn_weight, bn_bias, training,
-    momentum, eps)``, computed as one operator.
+    momentum, eps)``, computed as one operator, then the activation.
 
     The convolution is 1-, 2- or 3-D as weight is (3-, 4- or 5-D: conv1d,
     conv2d, conv3d), and transposed=True makes it F.conv_transpose1d/2d/3d
@@ -166,6 +170,12 @@ def conv_bn(
     memory_efficient=True keeps only the input, the weights and per-channel
     statistics for backward, and recomputes the convolution there;
     False keeps the conv output and skips the recompute.
+
+    activation ('identity', 'relu', 'relu6', 'leaky_relu' with
+    negative_slope, 'silu', 'hardswish', 'sigmoid', 'gelu') is applied to
+    the normalized output in the same pass, and differentiated in the
+    backward's passes: neither the batch norm's output nor the activation's
+    is kept.
     """
     n = weight.dim() - 2
     if not 1 <= n <= 3:
@@ -194,11 +204,13 @@ def conv_bn(
     if not transposed and any(output_padding_):
         raise ValueError("convbn: output_padding applies to transposed convolutions only (transposed=True)")
     check_momentum(momentum)
+    check_activation(activation, negative_slope)
 
     return _conv_bn_prepared(
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
         training, momentum, eps, stride_, padding_, dilation_, groups, memory_efficient,
-        transposed=transposed, output_padding=output_padding_,
+        transposed=transposed, output_padding=output_padding_, activation=activation,
+        negative_slope=negative_slope,
     )
 
 
@@ -223,6 +235,8 @@ def _conv_bn_prepared(
     group_size: int = 1,
     transposed: bool = False,
     output_padding: Optional[List[int]] = None,
+    activation: str = "identity",
+    negative_slope: float = 0.01,
 ) -> Tensor:
     """conv_bn with stride, padding, dilation and output_padding already as
     lists of one value per spatial dimension and any 'same' padding already
@@ -243,12 +257,18 @@ def _conv_bn_prepared(
             # Conv at any size, but leaves the decomposed fold of
             # conv_bn_eval as a Mul on weights over its optimizer's constant
             # folding limit (8192 elements).
-            return F.batch_norm(
+            return apply_activation(F.batch_norm(
                 _convolution(input, weight, bias, stride, padding, dilation, groups, transposed, output_padding_),
-                mean, var, bn_weight, bn_bias, False, 0.0, eps)
+                mean, var, bn_weight, bn_bias, False, 0.0, eps), activation, negative_slope)
+        if not torch.jit.is_scripting() and _is_in_onnx_export():
+            # The exporter's own activation nodes after the folded Conv.
+            return apply_activation(torch.ops.convbn.conv_bn_eval(
+                input, weight, bias, bn_weight, bn_bias, mean, var,
+                stride, padding, dilation, groups, eps, transposed, output_padding_,
+            ), activation, negative_slope)
         return torch.ops.convbn.conv_bn_eval(
             input, weight, bias, bn_weight, bn_bias, mean, var,
-            stride, padding, dilation, groups, eps, transposed, output_padding_,
+            stride, padding, dilation, groups, eps, transposed, output_padding_, activation, negative_slope,
         )
 
     _check_statistics(running_mean, running_var, num_batches_tracked, momentum)
@@ -257,25 +277,25 @@ def _conv_bn_prepared(
         # export as nn's pair computes them; updates and synchronization
         # cannot be exported.
         _refuse_onnx_export_of_updates("ConvBN2d", "conv_bn", running_mean, group_name)
-        return F.batch_norm(
+        return apply_activation(F.batch_norm(
             _convolution(input, weight, bias, stride, padding, dilation, groups, transposed, output_padding_),
-            None, None, bn_weight, bn_bias, True, 0.0, eps)
+            None, None, bn_weight, bn_bias, True, 0.0, eps), activation, negative_slope)
     if group_name is None and _is_empty_batch(input):
         # nn's pair on an empty batch: an empty output, zero gradients, the
         # running statistics as they were, num_batches_tracked counted.
-        return _empty_batch(
+        return apply_activation(_empty_batch(
             _convolution(input, weight, bias, stride, padding, dilation, groups, transposed, output_padding_),
-            running_mean, running_var, num_batches_tracked, bn_weight, bn_bias, eps)
+            running_mean, running_var, num_batches_tracked, bn_weight, bn_bias, eps), activation, negative_slope)
     if group_name is None:
         output, save_mean, save_invstd, _ = torch.ops.convbn.conv_bn_train(
             input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
-            memory_efficient, transposed, output_padding_,
+            memory_efficient, transposed, output_padding_, activation, negative_slope,
         )
         count = output.numel() // output.shape[1]  # values per channel
     else:
         output, save_mean, save_invstd, _, group_count = torch.ops.convbn.sync_conv_bn_train(
             input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
-            group_name, group_size, memory_efficient, transposed, output_padding_,
+            group_name, group_size, memory_efficient, transposed, output_padding_, activation, negative_slope,
         )
         count = int(group_count.item())
     _update_statistics(

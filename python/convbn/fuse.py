@@ -22,7 +22,20 @@ the batch norm in the model's state_dict. The fused model's state_dict
 therefore has exactly the original's keys: checkpoints load both ways as
 they are, through pickling and deepcopy, and unfuse only swaps modules
 back. The model keeps its class, its forward, its hooks elsewhere, its
-shared and its unused modules."""
+shared and its unused modules.
+
+Activations. A fused conv pair also takes the activation module after it
+(nn.SiLU, nn.ReLU, ...: what convbn.activation.activation_of maps) when,
+in every graph that sees the batch norm, each of its calls feeds its
+output to one call of that module and to nothing else, as its sole
+argument, under the same grad and autocast modes, and every call of the
+module takes such an output: a module shared by several places is left
+alone, as are modules with hooks. (Where the example runs decided the
+pair, they decide the activation too.) The fused module then applies the
+activation in its normalization pass, and the activation's place holds a
+FusedActivationSlot, which passes its input through and remembers the
+module for unfuse. Activations hold no tensors: the state_dict keys stay
+the original's. Activations called as functions (F.relu(x)) stay in forward."""
 
 import contextlib
 import copy
@@ -38,8 +51,9 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .activation import activation_of
 from .modules import (
-    _BATCH_NORM_NAMES, _BN_ATTRIBUTES, CONV_BN_TYPES, ConvBN2d, LinearBN1d, _FusedBatchNorm, _share_tensor,
+    _BATCH_NORM_NAMES, _BN_ATTRIBUTES, CONV_BN_TYPES, ConvBN2d, LinearBN1d, _ConvBNNd, _FusedBatchNorm, _share_tensor,
     default_num_batches_tracked,
 )
 
@@ -168,6 +182,39 @@ class FusedBatchNormSlot(nn.Module):
         return f"fused into the preceding {type(self.fused).__name__}"
 
 
+class FusedActivationSlot(nn.Module):
+    """What convbn.fuse leaves where an activation module was (nn.SiLU,
+    nn.ReLU, ...) whose work the fused module before it now does in its
+    normalization pass: forward passes its input through. `activation` is
+    the original module, which convbn.unfuse puts back. Activations hold no
+    tensors, so the model's state_dict keys do not change."""
+
+    __jit_unused_properties__ = ["activation"]
+
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        # A plain reference, not a submodule: it no longer runs, and must not
+        # show in the model's modules() (nor be fused again).
+        self.__dict__["_activation"] = activation
+        self.training = activation.training
+
+    @property
+    def activation(self) -> nn.Module:
+        """The activation module this slot stands for."""
+        return self.__dict__["_activation"]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input
+
+    def train(self, mode: bool = True) -> "FusedActivationSlot":
+        super().train(mode)
+        self.activation.train(mode)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.activation!r}, applied by the preceding fused module"
+
+
 # ---------------------------------------------------------------------------
 # The report.
 
@@ -177,6 +224,19 @@ class FusedPair:
     bn: str
     kind: str        # "ConvBN2d" or "LinearBN1d"
     found_in: str    # "the model's forward" or "block `name`'s forward"
+    # The activation module fused with the pair (its name) and the activation
+    # the fused module applies ("silu", "leaky_relu", ...); None when none.
+    activation: Optional[str] = None
+    fused_activation: Optional[str] = None
+
+    def __str__(self) -> str:
+        text = f"{self.layer} -> {self.bn}"
+        if self.activation is not None:
+            text += f" -> {self.activation}"
+        text += f" as {self.kind}"
+        if self.fused_activation is not None:
+            text += f"(activation={self.fused_activation!r})"
+        return f"{text} (seen in {self.found_in})"
 
 
 @dataclass
@@ -187,19 +247,36 @@ class LeftAlone:
 
 
 @dataclass
+class ActivationLeftAlone:
+    """An activation module after a fused pair's batch norm that fuse did
+    not fuse with the pair (it still runs at its place)."""
+
+    activation: str  # the activation module's name
+    bn: str          # the batch norm whose output it takes
+    reason: str
+
+
+@dataclass
 class FuseReport:
-    """What convbn.fuse did: the pairs it fused, every layer -> batch norm
-    pair it saw and left alone with the reason, and the forwards it could not
-    trace (pairs in them, if any, were left alone)."""
+    """What convbn.fuse did: the pairs it fused (with the activation module
+    fused with each, if any), every layer -> batch norm pair it saw and left
+    alone with the reason, the activation modules after fused pairs it did
+    not fuse and why, and the forwards it could not trace (pairs in them, if
+    any, were left alone)."""
 
     fused: List[FusedPair] = field(default_factory=list)
     left_alone: List[LeftAlone] = field(default_factory=list)
     untraced: List[Tuple[str, str]] = field(default_factory=list)
+    activations_left_alone: List[ActivationLeftAlone] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"convbn.fuse: fused {len(self.fused)} pair(s), left {len(self.left_alone)} alone"]
-        lines += [f"  fused       {p.layer} -> {p.bn} as {p.kind} (seen in {p.found_in})" for p in self.fused]
+        with_activation = sum(p.activation is not None for p in self.fused)
+        lines = [f"convbn.fuse: fused {len(self.fused)} pair(s), left {len(self.left_alone)} alone; "
+                 f"fused {with_activation} activation(s), left {len(self.activations_left_alone)} alone"]
+        lines += [f"  fused       {p}" for p in self.fused]
         lines += [f"  left alone  {p.layer} -> {p.bn}: {p.reason}" for p in self.left_alone]
+        lines += [f"  activation left alone  {p.activation} after {p.bn}: {p.reason}"
+                  for p in self.activations_left_alone]
         lines += [f"  not traced  {name or '(the model)'}: {error}" for name, error in self.untraced]
         return "\n".join(lines)
 
@@ -322,6 +399,13 @@ class _Traced:
     # Modules whose parameters or buffers forward reads directly (get_attr):
     # self.conv.forward(x), F.batch_norm(x, self.bn.running_mean, ...).
     read_directly: Dict[int, str] = field(default_factory=dict)
+    # Activation modules whose forward runs other than by calling the module
+    # (self.act.forward(x)): the graph shows no call of them, and they hold
+    # no tensor whose read would show.
+    called_directly: set = field(default_factory=set)
+    # Every graph's module calls: module id -> its call nodes, and node -> module.
+    calls: Dict[int, List[torch.fx.Node]] = field(default_factory=dict)
+    owner: Dict[torch.fx.Node, nn.Module] = field(default_factory=dict)
 
 
 def _error_line(error: Exception) -> str:
@@ -414,14 +498,39 @@ def _trace_in_modes(model: nn.Module) -> List[_Traced]:
     modes they have now; restores every module's flag afterwards."""
     modules = list(model.modules())
     results = []
-    with _model_state_restored(model):  # the flags too
+    with _model_state_restored(model):  # the flags too, and the forwards _watch_forwards sets
+        called_directly: set = set()
+        # fx records a call of an activation module (a leaf) without running
+        # its forward: whatever runs it is a direct call.
+        _watch_forwards(model, lambda m: called_directly.add(id(m)))
         for flags in _mode_settings(modules):
             for m, flag in zip(modules, flags):
                 m.training = flag
-            traced = _Traced()
+            traced = _Traced(called_directly=called_directly)
             _trace(model, "", traced, set())
             results.append(traced)
     return results
+
+
+def _is_activation_module(m: Optional[nn.Module]) -> bool:
+    """An activation module: one the fused modules can apply, or any of
+    torch.nn's activations (nn.Tanh, GELU(approximate='tanh'), ...: reported
+    when one follows a fused pair)."""
+    if m is None or type(m) in (nn.Identity, nn.MultiheadAttention):
+        return False
+    return activation_of(m) is not None or type(m).__module__ == nn.Tanh.__module__
+
+
+def _watch_forwards(model: nn.Module, on_forward) -> None:
+    """Sets an instance-level forward on each activation module of model
+    that calls on_forward(module) and then the class's forward. (The caller
+    restores the modules' __dict__.)"""
+    for m in model.modules():
+        if _is_activation_module(m):
+            def forward(*args, _module=m, **kwargs):
+                on_forward(_module)
+                return type(_module).forward(_module, *args, **kwargs)
+            m.__dict__["forward"] = forward
 
 
 @dataclass
@@ -441,6 +550,7 @@ def _find_candidates(traced_modes: List[_Traced]) -> Tuple[List[_Candidate], Lis
     for traced in traced_modes:
         calls: Dict[int, List[torch.fx.Node]] = defaultdict(list)
         owner: Dict[torch.fx.Node, nn.Module] = {}
+        traced.calls, traced.owner = calls, owner
         for block, root, graph in traced.graphs:
             for node in graph.nodes:
                 if node.op == "call_module":
@@ -488,6 +598,57 @@ def _find_candidates(traced_modes: List[_Traced]) -> Tuple[List[_Candidate], Lis
         else:
             candidates.append(_Candidate(layer, bn, blocks[key]))
     return candidates, left
+
+
+def _sole_argument(node: torch.fx.Node):
+    """The argument of a call with exactly one (positional or keyword), else None."""
+    if len(node.args) + len(node.kwargs) != 1:
+        return None
+    return node.args[0] if node.args else next(iter(node.kwargs.values()))
+
+
+def _graph_activation(traced_modes: List[_Traced], bn: nn.Module) -> Tuple[Optional[nn.Module], Optional[str]]:
+    """The activation module the graphs show taking the batch norm's output.
+    (act, None) when, in every mode's graphs, each call of bn feeds its
+    output to one call of act and to nothing else, as act's sole argument and
+    under the same grad and autocast modes, and each call of act takes such
+    an output (act is not shared with other places); (act, reason) when an
+    activation module takes bn's output but not so; (None, None) when none
+    does."""
+    followers: Dict[int, nn.Module] = {}
+    for traced in traced_modes:
+        for node in traced.calls.get(id(bn), []):
+            for user in node.users:
+                m = traced.owner.get(user)
+                if _is_activation_module(m):
+                    followers.setdefault(id(m), m)
+    if not followers:
+        return None, None
+    act = next(iter(followers.values()))
+    if len(followers) > 1:
+        return act, "the batch norm's output feeds more than one activation module"
+    for traced in traced_modes:
+        for node in traced.calls.get(id(bn), []):
+            users = list(node.users)
+            others = [u.name for u in users if traced.owner.get(u) is not act]
+            if others:
+                return act, f"the batch norm's output is also used by {', '.join(others[:3])}"
+            if len(users) != 1:
+                return act, ("a call of the batch norm does not feed the activation" if not users
+                             else "the activation is applied to the batch norm's output more than once")
+            if node in traced.observed:
+                return act, f"the batch norm's output is seen by {traced.observed[node]}"
+        for node in traced.calls.get(id(act), []):
+            source = _sole_argument(node)
+            if not isinstance(source, torch.fx.Node) or traced.owner.get(source) is not bn:
+                return act, ("the activation module is also called on other inputs than this batch norm's "
+                             "output (one module shared by several places)")
+            if traced.context.get(node) != traced.context.get(source):
+                return act, ("the batch norm and the activation run under different grad or autocast modes "
+                             "(torch.no_grad(), autocast) in forward")
+        if id(act) in traced.called_directly:
+            return act, "forward runs the activation module's forward directly (act.forward(x)), not only by calling it"
+    return act, None
 
 
 def _calls_reason(layer_calls, bn_calls, owner, layer, bn) -> Optional[str]:
@@ -579,31 +740,57 @@ class _LayerCall:
     bn_calls: List[nn.Module] = field(default_factory=list)
 
 
+@dataclass
+class _NormCall:
+    """A batch norm call's output and what took it: the activation modules
+    called on it alone (under the batch norm's grad and autocast modes), and
+    every other use."""
+
+    output: Tensor
+    bn: nn.Module
+    context: Tuple = ()
+    uses: List[str] = field(default_factory=list)
+    activations: List[nn.Module] = field(default_factory=list)
+
+
 class _UseRecorder(torch.overrides.TorchFunctionMode):
-    def __init__(self, outputs: Dict[int, _LayerCall]) -> None:
+    def __init__(self, *tables: Dict[int, object]) -> None:
         super().__init__()
-        self.outputs = outputs
+        self.tables = tables
         self.inside_leaf = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.inside_leaf and getattr(func, "__name__", "") not in _METADATA_READS:
             for t in _found_in((args, kwargs), Tensor):
-                call = self.outputs.get(id(t))
-                if call is not None and call.output is t:
-                    call.uses.append(getattr(func, "__name__", str(func)))
+                for outputs in self.tables:
+                    call = outputs.get(id(t))
+                    if call is not None and call.output is t:
+                        call.uses.append(getattr(func, "__name__", str(func)))
         return func(*args, **kwargs)
 
 
-def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[int, int], Tuple[nn.Module, nn.Module, Optional[str]]], List[Tuple[str, str]]]:
+_RunVerdicts = Dict[Tuple[int, int], Tuple[nn.Module, nn.Module, Optional[str]]]
+_RunActivations = Dict[int, Tuple[Optional[nn.Module], Optional[str]]]
+
+
+def _run_verdicts(model: nn.Module,
+                  example_inputs: tuple) -> Tuple[_RunVerdicts, List[Tuple[str, str]], _RunActivations]:
     """Runs copies of model on example_inputs with every module in training
     mode, in eval mode and in the modes they have now. Returns, for every
     layer -> batch norm call seen, None when every call of the layer fed
     only that batch norm, as its sole argument, and every call of the batch
-    norm took such an output (in every run), else the reason; and the runs
-    that failed."""
-    verdicts: Dict[Tuple[int, int], Tuple[nn.Module, nn.Module, Optional[str]]] = {}
+    norm took such an output (in every run), else the reason; the runs
+    that failed; and for every batch norm whose output an activation module
+    took, id(bn) -> (the activation module, None when it can be fused with
+    the batch norm, else the reason): when every call of the batch norm fed
+    its output only to that module, as its sole argument, and every call of
+    that module took such an output (as _graph_activation)."""
+    verdicts: _RunVerdicts = {}
     failures = []
+    activations: _RunActivations = {}
+    act_inputs: Dict[int, List[Optional[nn.Module]]] = defaultdict(list)  # over all runs
+    called_directly: set = set()
     originals = [m for _, m in model.named_modules(remove_duplicate=False)]
     for i, flags in enumerate(_mode_settings(originals)):
         copied = copy.deepcopy(model)
@@ -614,35 +801,74 @@ def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[i
         outputs: Dict[int, _LayerCall] = {}
         layer_calls: Dict[int, List[_LayerCall]] = defaultdict(list)
         bn_inputs: Dict[int, List[Optional[_LayerCall]]] = defaultdict(list)
-        recorder = _UseRecorder(outputs)
+        norm_outputs: Dict[int, _NormCall] = {}
+        norm_calls: Dict[int, List[_NormCall]] = defaultdict(list)
+        run_act_inputs: Dict[int, List[Optional[nn.Module]]] = defaultdict(list)
+        in_call: set = set()
+        recorder = _UseRecorder(outputs, norm_outputs)
 
         def pre_hook(module, args, kwargs):
             is_leaf = not module._modules
+            original = original_of[id(module)]
+            is_activation = _is_activation_module(original)
+            sole = len(args) == 1 and not kwargs
             for t in _found_in((args, kwargs), Tensor):
                 call = outputs.get(id(t))
                 if call is not None and call.output is t:
-                    sole = len(args) == 1 and not kwargs and args[0] is t
-                    if isinstance(module, _BatchNorm) and sole and call.context == _call_context():
-                        call.bn_calls.append(original_of[id(module)])
+                    if isinstance(module, _BatchNorm) and sole and args[0] is t and call.context == _call_context():
+                        call.bn_calls.append(original)
                     elif is_leaf:
                         call.uses.append(type(module).__name__)
+                norm = norm_outputs.get(id(t))
+                if norm is not None and norm.output is t:
+                    if is_activation and sole and args[0] is t and norm.context == _call_context():
+                        norm.activations.append(original)
+                    elif is_leaf or _has_hooks(original):  # a hook would see it
+                        norm.uses.append(type(module).__name__)
             if isinstance(module, _BatchNorm):
                 source = outputs.get(id(args[0])) if len(args) == 1 and isinstance(args[0], Tensor) else None
-                bn_inputs[id(original_of[id(module)])].append(source if source is not None and source.output is args[0] else None)
+                bn_inputs[id(original)].append(source if source is not None and source.output is args[0] else None)
+            if is_activation:
+                in_call.add(id(module))
+                source = norm_outputs.get(id(args[0])) if sole and isinstance(args[0], Tensor) else None
+                run_act_inputs[id(original)].append(
+                    source.bn if source is not None and source.output is args[0] else None)
             if is_leaf:
                 recorder.inside_leaf += 1
 
         def post_hook(module, args, output):
+            original = original_of[id(module)]
             if not module._modules:
                 recorder.inside_leaf -= 1
             if isinstance(module, _LAYER_TYPES) and isinstance(output, Tensor):
-                call = _LayerCall(output, original_of[id(module)], _call_context())
+                call = _LayerCall(output, original, _call_context())
                 outputs[id(output)] = call
                 layer_calls[id(call.layer)].append(call)
+            if _is_activation_module(original):
+                in_call.discard(id(module))
+                norm = norm_outputs.get(id(output)) if isinstance(output, Tensor) else None
+                if norm is not None and norm.output is output and len(args) == 1 and args[0] is output:
+                    # An in-place activation returns the batch norm's output
+                    # itself, activated: what uses it from here on (through
+                    # either name) sees the activated values, as in the
+                    # fused model.
+                    del norm_outputs[id(output)]
+            elif module._modules and _has_hooks(original):
+                for t in _found_in(output, Tensor):
+                    norm = norm_outputs.get(id(t))
+                    if norm is not None and norm.output is t:
+                        norm.uses.append(f"hooks of {type(module).__name__}")
+            if isinstance(module, _BatchNorm) and isinstance(output, Tensor):
+                norm = _NormCall(output, original, _call_context())
+                norm_outputs[id(output)] = norm
+                norm_calls[id(original)].append(norm)
 
         for m in copies:
             m.register_forward_pre_hook(pre_hook, with_kwargs=True)
             m.register_forward_hook(post_hook)
+        # The forward of an activation module run other than through its
+        # __call__ (act.forward(x)): no hook sees it.
+        _watch_forwards(copied, lambda m: None if id(m) in in_call else called_directly.add(id(original_of[id(m)])))
         try:
             with _random_state_restored(), recorder:
                 result = copied(*example_inputs)
@@ -650,14 +876,16 @@ def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[i
             failures.append((f"run {'in the current modes' if i == 0 else ('in training mode' if flags[0] else 'in eval mode')}", _error_line(error)))
             continue
         for t in _found_in(result, Tensor):
-            call = outputs.get(id(t))
-            if call is not None and call.output is t:
-                call.uses.append("the model's output")
+            for table in (outputs, norm_outputs):
+                call = table.get(id(t))
+                if call is not None and call.output is t:
+                    call.uses.append("the model's output")
         for label, value in _stored_values(copied):
             for t in _found_in(value, Tensor):
-                call = outputs.get(id(t))
-                if call is not None and call.output is t:
-                    call.uses.append(label)
+                for table in (outputs, norm_outputs):
+                    call = table.get(id(t))
+                    if call is not None and call.output is t:
+                        call.uses.append(label)
         edges = {(id(c.layer), id(bn)): (c.layer, bn) for calls in layer_calls.values() for c in calls for bn in c.bn_calls}
         for key, (layer, bn) in edges.items():
             reason = None
@@ -670,7 +898,46 @@ def _run_verdicts(model: nn.Module, example_inputs: tuple) -> Tuple[Dict[Tuple[i
                 reason = "the batch norm is also applied to other inputs"
             previous = verdicts.get(key)
             verdicts[key] = (layer, bn, previous[2] if previous and previous[2] else reason)
-    return verdicts, failures
+        for key, inputs in run_act_inputs.items():
+            act_inputs[key] += inputs
+        for key, calls in norm_calls.items():
+            act, reason = _run_activation(calls)
+            if key in activations:
+                previous_act, previous_reason = activations[key]
+                if previous_act is not act:
+                    act = act or previous_act
+                    reason = "the batch norm's output does not feed the same activation module in every train/eval mode"
+                reason = previous_reason or reason
+            activations[key] = (act, reason)
+    for key, (act, reason) in activations.items():
+        if act is None or reason is not None:
+            continue
+        if any(source is None or id(source) != key for source in act_inputs[id(act)]):
+            reason = ("the activation module is also called on other inputs than this batch norm's output "
+                      "(one module shared by several places)")
+        elif id(act) in called_directly:
+            reason = "forward runs the activation module's forward directly (act.forward(x)), not only by calling it"
+        activations[key] = (act, reason)
+    return verdicts, failures, activations
+
+
+def _run_activation(calls: List[_NormCall]) -> Tuple[Optional[nn.Module], Optional[str]]:
+    """One run's view of a batch norm's calls: (None, None) when no
+    activation module took its output, else (the module, the reason it
+    cannot be fused, or None)."""
+    followers = {id(a): a for c in calls for a in c.activations}
+    if not followers:
+        return None, None
+    act = next(iter(followers.values()))
+    if len(followers) > 1:
+        return act, "the batch norm's output feeds more than one activation module"
+    for c in calls:
+        if c.uses:
+            return act, f"the batch norm's output is also used by {', '.join(c.uses[:3])}"
+        if c.activations != [act]:
+            return act, ("a call of the batch norm does not feed the activation" if not c.activations
+                         else "the activation is applied to the batch norm's output more than once")
+    return act, None
 
 
 # ---------------------------------------------------------------------------
@@ -688,11 +955,36 @@ def _registrations(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str, str
     return places
 
 
-def _adopt(layer: nn.Module, bn: nn.Module, memory_efficient: bool) -> _FusedBatchNorm:
-    """The fused module for (layer, bn), holding their very tensors."""
-    fused = _FUSED_TYPE[(type(layer), type(bn))]._holding(layer, bn, memory_efficient, _share_tensor)
+def _adopt(layer: nn.Module, bn: nn.Module, memory_efficient: bool,
+           activation: Optional[Tuple[str, float]] = None) -> _FusedBatchNorm:
+    """The fused module for (layer, bn), holding their very tensors, applying
+    activation (name, negative_slope) when given."""
+    fused_type = _FUSED_TYPE[(type(layer), type(bn))]
+    if activation is None:
+        fused = fused_type._holding(layer, bn, memory_efficient, _share_tensor)
+    else:
+        fused = fused_type._holding(layer, bn, memory_efficient, _share_tensor, activation)
     fused._bn_state_in_slot = True
     return fused
+
+
+def _activation_reason(act: nn.Module, layer: nn.Module, bn: nn.Module, places) -> Optional[str]:
+    """Why the activation module act, which takes only (layer, bn)'s output,
+    cannot be fused with them (its type, hooks, tensors), or None."""
+    if not issubclass(_FUSED_TYPE[(type(layer), type(bn))], _ConvBNNd):
+        return f"{_FUSED_TYPE[(type(layer), type(bn))].__name__} applies no activation"
+    if activation_of(act) is None:
+        return (f"{act!r} is not an activation the fused modules apply (nn.ReLU, nn.ReLU6, nn.Hardtanh(0, 6), "
+                "nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.GELU(approximate='none'))")
+    for hooks in _HOOK_DICTS + ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                                "_load_state_dict_post_hooks"):
+        if getattr(act, hooks, None):
+            return f"the activation module has {hooks.strip('_').replace('_', ' ')} (they would no longer run)"
+    if act._parameters or act._buffers or act._modules:
+        return "the activation module holds parameters, buffers or submodules"
+    if id(act) not in places:
+        return "the activation module is not registered in the model"
+    return None
 
 
 def _parameter_order_reason(layer: nn.Module, bn: nn.Module, order: Dict[int, int]) -> Optional[str]:
@@ -710,7 +1002,12 @@ def _unseen_callers_reason(c: _Candidate, places, untraced: Dict[str, str]) -> O
     """A forward fx could not trace may call any module registered below it,
     unseen: then the pair's calls are not all known. None when no such
     forward holds the layer or the batch norm."""
-    for m in (c.layer, c.bn):
+    return _unseen_use_reason((c.layer, c.bn), places, untraced)
+
+
+def _unseen_use_reason(modules, places, untraced: Dict[str, str]) -> Optional[str]:
+    """As _unseen_callers_reason, for any modules."""
+    for m in modules:
         for _, _, full in places[id(m)]:
             for name in untraced:
                 if name == "" or full.startswith(name + "."):
@@ -724,8 +1021,35 @@ def _set_everywhere(places, module: nn.Module) -> None:
         parent._modules[child_name] = module
 
 
+def _activation_of_pair(c: _Candidate, traced_modes: List[_Traced], run_activations: _RunActivations, places,
+                        untraced: Dict[str, str]) -> Tuple[Optional[nn.Module], Optional[str]]:
+    """The activation module after the fused pair c's batch norm: (None,
+    None) when none takes its output, else (the module, None when it can be
+    fused with the pair, else the reason). The graphs decide where they
+    decided the pair, else the example runs."""
+    if c.block is None:
+        act, reason = run_activations.get(id(c.bn), (None, None))
+    else:
+        act, reason = _graph_activation(traced_modes, c.bn)
+    if act is None or reason is not None:
+        return act, reason
+    reason = _activation_reason(act, c.layer, c.bn, places)
+    if reason is None and c.block is not None:
+        # A forward fx could not trace may call the module unseen; the
+        # example runs (when given) saw every call, there too.
+        unseen = _unseen_use_reason((act,), places, untraced)
+        if unseen is not None:
+            run_act, run_reason = run_activations.get(id(c.bn), (None, None))
+            if run_act is act:
+                reason = run_reason
+            else:
+                hint = "" if run_activations else "; pass example_inputs=(x,) to decide by running the model"
+                reason = unseen + hint
+    return act, reason
+
+
 def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False, report: bool = False,
-         example_inputs: Optional[tuple] = None):
+         example_inputs: Optional[tuple] = None, activations: bool = True):
     """Replaces every nn.Conv2d -> nn.BatchNorm2d and nn.Linear ->
     nn.BatchNorm1d pair of `model` that can be fused without changing what
     the model computes by a ConvBN2d / LinearBN1d, in the model's own module
@@ -747,9 +1071,21 @@ def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False,
     module and function each layer output reaches, and fuses a pair the
     graphs could not see whole when every run shows it used only as the pair.
 
+    activations=True (default) also fuses the activation module that takes
+    a fused conv pair's output (nn.ReLU, nn.ReLU6, nn.Hardtanh(0, 6),
+    nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.GELU(); exact types,
+    in place or not) when it is the batch norm's only user, as its sole
+    argument, in every mode, and takes nothing else anywhere (a module that
+    several places share, as torchvision's ResNet blocks share self.relu, is
+    left alone; so are those with hooks): the fused module applies it in its
+    normalization pass, and its place holds a FusedActivationSlot, which
+    passes its input through. Activations called as functions (F.relu(x))
+    are in forward's code and stay there; their pairs fuse without them.
+
     inplace=False (default) fuses a deep copy. report=True returns
-    (model, FuseReport): the pairs fused, those left alone and why, and the
-    forwards fx could not trace. The report is also logged (logger
+    (model, FuseReport): the pairs fused (with their activation), those left
+    alone and why, the activation modules after fused pairs left alone and
+    why, and the forwards fx could not trace. The report is also logged (logger
     "convbn.fuse", level INFO). A LinearBN1d made by fuse computes the
     unfused pair on input of more than 2 dimensions, as nn.BatchNorm1d
     takes (N, C, L).
@@ -764,12 +1100,12 @@ def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False,
             ) from error
     traced_modes = _trace_in_modes(model)
     candidates, seen_but_not = _find_candidates(traced_modes)
-    verdicts, run_failures = {}, []
+    verdicts, run_failures, run_activations = {}, [], {}
     if example_inputs is not None:
         if not isinstance(example_inputs, tuple):
             raise TypeError("convbn.fuse: example_inputs must be a tuple of the model's positional arguments, "
                             f"e.g. (x,); got {type(example_inputs).__name__}")
-        verdicts, run_failures = _run_verdicts(model, example_inputs)
+        verdicts, run_failures, run_activations = _run_verdicts(model, example_inputs)
     places = _registrations(model)
     names = {id(m): name for name, m in model.named_modules()}
     untraced: Dict[str, str] = {}
@@ -785,6 +1121,7 @@ def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False,
             candidates.append(_Candidate(layer, bn, None))
     order = {id(p): i for i, p in enumerate(model.parameters())}
     global_hooks = any(getattr(nn.modules.module, f"_global{name}", None) for name in _HOOK_DICTS)
+    claimed: set = set()  # the activation modules fused
     for c in candidates:
         layer_name, bn_name = names[id(c.layer)], names[id(c.bn)]
         reason = _module_reason(c.layer, c.bn)
@@ -808,14 +1145,28 @@ def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False,
         if reason is not None:
             result.left_alone.append(LeftAlone(layer_name, bn_name, reason))
             continue
-        fused = _adopt(c.layer, c.bn, memory_efficient)
+        act, act_reason = None, None
+        if activations:
+            act, act_reason = _activation_of_pair(c, traced_modes, run_activations, places, untraced)
+            if act is not None and act_reason is None and id(act) in claimed:
+                act_reason = "another fused pair took it"
+            if act is not None and act_reason is not None:
+                result.activations_left_alone.append(
+                    ActivationLeftAlone(names.get(id(act), "?"), bn_name, act_reason))
+                act = None
+        fused = _adopt(c.layer, c.bn, memory_efficient, None if act is None else activation_of(act))
         slot = FusedBatchNormSlot(fused)
         slot.train(c.bn.training)
         _set_everywhere(places[id(c.layer)], fused)
         _set_everywhere(places[id(c.bn)], slot)
+        if act is not None:
+            claimed.add(id(act))
+            _set_everywhere(places[id(act)], FusedActivationSlot(act))
         where = ("a run on example_inputs" if c.block is None
                  else f"{c.block}'s forward" if c.block else "the model's forward")
-        result.fused.append(FusedPair(layer_name, bn_name, type(fused).__name__, where))
+        result.fused.append(FusedPair(layer_name, bn_name, type(fused).__name__, where,
+                                      None if act is None else names[id(act)],
+                                      None if act is None else fused.activation))
     result.untraced = sorted(untraced.items()) + run_failures
     _log.info("%s", result)
     return (model, result) if report else model
@@ -823,14 +1174,20 @@ def fuse(model: nn.Module, memory_efficient: bool = True, inplace: bool = False,
 
 def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The inverse of fuse: every ConvBN2d / LinearBN1d that fuse made becomes
-    its nn.Conv2d / nn.Linear again and its FusedBatchNormSlot the
-    nn.BatchNorm2d / nn.BatchNorm1d, holding the same tensors, at the same
-    names: the result is the original model's layout and state_dict. A
-    fused module fuse did not make (one built by hand) becomes
-    nn.Sequential(layer, bn) in its place."""
+    its nn.Conv2d / nn.Linear again, its FusedBatchNormSlot the
+    nn.BatchNorm2d / nn.BatchNorm1d, holding the same tensors, and its
+    FusedActivationSlot (when fuse fused an activation) the very activation
+    module it stands for, at the same names: the result is the original
+    model's layout and state_dict. A fused module fuse did not make (one
+    built by hand) becomes nn.Sequential(layer, bn) in its place, or
+    nn.Sequential(layer, bn, activation) when it applies one."""
     if not inplace:
         model = copy.deepcopy(model)
     places = _registrations(model)
+    for slot in list({id(m): m for m in model.modules() if isinstance(m, FusedActivationSlot)}.values()):
+        if id(slot) in places:
+            slot.activation.train(slot.training)
+            _set_everywhere(places[id(slot)], slot.activation)
     slots: Dict[int, List[FusedBatchNormSlot]] = defaultdict(list)
     for m in model.modules():
         if isinstance(m, FusedBatchNormSlot):
@@ -844,6 +1201,8 @@ def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
             _set_everywhere(places[id(fused)], layer)
             for slot in mine:
                 _set_everywhere(places[id(slot)], bn)
+        elif getattr(fused, "activation", "identity") != "identity":
+            _set_everywhere(places[id(fused)], nn.Sequential(layer, bn, fused.activation_module()))
         else:
             _set_everywhere(places[id(fused)], nn.Sequential(layer, bn))
     return model

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activation import DEFAULT_NEGATIVE_SLOPE, activation_module, activation_of, activation_repr, check_activation
 from .functional import (
     _conv_bn_prepared, _is_fx_tracing, _is_in_onnx_export, _linear_bn_prepared, _ntuple, _refuse_onnx_export_of_updates,
     check_momentum, same_padding,
@@ -167,16 +168,22 @@ class _ConvBNNd(_FusedBatchNorm):
     __constants__ = [
         "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
         "groups", "padding_mode", "eps", "momentum", "affine", "track_running_stats",
-        "memory_efficient", "transposed", "output_padding", "_input_dim", "_input_expected",
+        "memory_efficient", "transposed", "output_padding", "_input_dim", "_input_expected", "activation",
+        "negative_slope",
     ]
 
     def _init_conv_bn(
         self, in_channels: int, out_channels: int, kernel_size, stride, padding, output_padding, dilation,
         groups: int, bias: bool, padding_mode: str, eps: float, momentum: Optional[float], affine: bool,
-        track_running_stats: bool, memory_efficient: bool, device, dtype,
+        track_running_stats: bool, memory_efficient: bool, device, dtype, activation: str = "identity",
+        negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     ) -> None:
         factory = {"device": device, "dtype": dtype}
         n = self._spatial_dims
+        check_activation(activation, negative_slope)
+        # Applied to the normalized output in the same pass (activation.py).
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
         if groups <= 0:
             raise ValueError(f"convbn: groups must be a positive integer, got {groups}")
         if in_channels % groups != 0:
@@ -289,7 +296,7 @@ class _ConvBNNd(_FusedBatchNorm):
             input, self.weight, self.bias, self.bn_weight, self.bn_bias,
             running_mean, running_var, num_batches_tracked, use_batch_stats, self.momentum, self.eps,
             self._stride, self._conv_padding, self._dilation, self.groups, self.memory_efficient,
-            group_name, group_size, self.transposed, self._output_padding,
+            group_name, group_size, self.transposed, self._output_padding, self.activation, self.negative_slope,
         )
         return output
 
@@ -307,13 +314,17 @@ class _ConvBNNd(_FusedBatchNorm):
             s += ", bias=True"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
-        return s + self._batch_norm_repr()
+        return s + self._batch_norm_repr() + activation_repr(self.activation, self.negative_slope)
 
     @classmethod
-    def from_modules(cls, conv: nn.Module, bn: nn.Module, memory_efficient: bool = True) -> "_ConvBNNd":
+    def from_modules(cls, conv: nn.Module, bn: nn.Module, memory_efficient: bool = True,
+                     activation: Optional[nn.Module] = None) -> "_ConvBNNd":
         """A module of this class holding copies of conv's and bn's
         parameters, buffers and hyper-parameters; it computes what
-        bn(conv(x)) computes, and starts in bn's train/eval mode."""
+        bn(conv(x)) computes (activation(bn(conv(x))) with an activation
+        module: nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish,
+        nn.Sigmoid, nn.GELU() or nn.Identity), and starts in bn's train/eval
+        mode."""
         if type(conv) is not cls._conv_type:
             raise TypeError(
                 f"convbn: {cls.__name__}.from_modules expects an nn.{cls._conv_type.__name__}, "
@@ -329,22 +340,41 @@ class _ConvBNNd(_FusedBatchNorm):
                 f"convbn: the conv has {conv.out_channels} output channels but the batch norm has "
                 f"num_features={bn.num_features}"
             )
-        return cls._holding(conv, bn, memory_efficient, _copy_tensor)
+        fused_activation = activation_of(activation)
+        if fused_activation is None:
+            raise TypeError(
+                f"convbn: {cls.__name__}.from_modules cannot fuse the activation {activation!r}; it takes "
+                "nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.GELU() "
+                "(approximate='none') or nn.Identity; apply any other after the fused module"
+            )
+        return cls._holding(conv, bn, memory_efficient, _copy_tensor, fused_activation)
 
     @classmethod
-    def _holding(cls, conv: nn.Module, bn: nn.Module, memory_efficient: bool, take) -> "_ConvBNNd":
-        """The module for (conv, bn), holding take(tensor) of each of theirs."""
+    def _holding(cls, conv: nn.Module, bn: nn.Module, memory_efficient: bool, take,
+                 activation: Tuple[str, float] = ("identity", DEFAULT_NEGATIVE_SLOPE)) -> "_ConvBNNd":
+        """The module for (conv, bn), holding take(tensor) of each of theirs,
+        with the fused activation (name, negative_slope)."""
         fused = cls(**_conv_arguments(conv), **_batch_norm_arguments(bn), memory_efficient=memory_efficient,
-                    device="meta")
+                    device="meta", activation=activation[0], negative_slope=activation[1])
         fused.weight, fused.bias = take(conv.weight), take(conv.bias)
         fused._take_batch_norm_from(bn, take)
         return fused
 
-    def to_modules(self) -> Tuple[nn.Module, nn.Module]:
+    def to_modules(self) -> Tuple[nn.Module, ...]:
         """(the conv, the batch norm) (nn.Conv2d and nn.BatchNorm2d for a
         ConvBN2d, ...) holding copies of this module's parameters, buffers
-        and hyper-parameters, in its train/eval mode."""
-        return self._split(_copy_tensor)
+        and hyper-parameters, in its train/eval mode; with a fused
+        activation, (conv, batch norm, activation module)."""
+        modules = self._split(_copy_tensor)
+        if self.activation == "identity":
+            return modules
+        return (*modules, self.activation_module())
+
+    def activation_module(self) -> nn.Module:
+        """The nn module of the fused activation (nn.Identity when none)."""
+        act = activation_module(self.activation, self.negative_slope)
+        act.train(self.training)
+        return act
 
     def _split(self, take) -> Tuple[nn.Module, nn.Module]:
         conv = self._conv_type(**_conv_arguments(self), device="meta")
@@ -401,11 +431,13 @@ class _ConvBN(_ConvBNNd):
         memory_efficient: bool = True,
         device=None,
         dtype=None,
+        activation: str = "identity",
+        negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     ) -> None:
         super().__init__()
         self._init_conv_bn(
             in_channels, out_channels, kernel_size, stride, padding, 0, dilation, groups, bias, padding_mode,
-            eps, momentum, affine, track_running_stats, memory_efficient, device, dtype,
+            eps, momentum, affine, track_running_stats, memory_efficient, device, dtype, activation, negative_slope,
         )
 
 
@@ -434,11 +466,14 @@ class _ConvTransposeBN(_ConvBNNd):
         memory_efficient: bool = True,
         device=None,
         dtype=None,
+        activation: str = "identity",
+        negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     ) -> None:
         super().__init__()
         self._init_conv_bn(
             in_channels, out_channels, kernel_size, stride, padding, output_padding, dilation, groups, bias,
             padding_mode, eps, momentum, affine, track_running_stats, memory_efficient, device, dtype,
+            activation, negative_slope,
         )
 
 
@@ -457,6 +492,12 @@ class ConvBN2d(_ConvBN):
     per-channel statistics for backward and recomputes the convolution there;
     False keeps the conv output, trading memory for one convolution less.
     Eval mode folds the statistics into the convolution.
+
+    activation ('identity' by default, 'relu', 'relu6', 'leaky_relu' with
+    negative_slope, 'silu', 'hardswish', 'sigmoid', 'gelu'; the last
+    constructor arguments) makes it ``nn.Sequential(conv, bn, act)``: the
+    activation is applied in the normalization's pass and differentiated in
+    the backward's, and no output-sized tensor is kept for it.
 
     Models holding it script with torch.jit.script, compile with
     torch.compile(fullgraph=True) and export with torch.export.
