@@ -67,14 +67,34 @@ def step(model, x):
     return run
 
 
-def check_same(models, x, name):
-    """Every contender computes what nn computes (float32 rounding)."""
+def check_same(models, x, name, input_grad=True):
+    """Every contender computes what nn computes (float32 rounding), in the
+    models' mode and in training (on copies: no running-statistics update
+    of the timed models): the output and, with input_grad, the input's
+    gradient. (Through a whole network's 50 training-mode batch norms the
+    float32 input gradient is ill-conditioned: nn against itself in another
+    summation order differs by O(1) at some elements, so the networks
+    compare outputs; tests/ compare them in float64.)"""
     with torch.no_grad():
         expected = models["nn"](x)
         for contender, model in models.items():
             torch.testing.assert_close(
                 model(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item(),
                 msg=lambda m: f"{name}, {contender}: {m}")
+    results = {}
+    for contender, model in models.items():
+        xc = x.clone().requires_grad_()
+        out = copy.deepcopy(model).train()(xc)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))  # not constant: BN would cancel it
+        results[contender] = (out.detach(), xc.grad)
+    for contender, (out, grad) in results.items():
+        checks = [("train output", out, results["nn"][0])]
+        if input_grad:
+            checks.append(("input grad", grad, results["nn"][1]))
+        for what, ours, theirs in checks:
+            torch.testing.assert_close(
+                ours, theirs, rtol=1e-3, atol=1e-3 * theirs.abs().max().item(),
+                msg=lambda m: f"{name}, {contender}, {what}: {m}")
 
 
 def geomean(values):
@@ -174,8 +194,8 @@ def bench_networks(repeats, batch, size):
         for mode in ("train", "frozen BN"):
             for model in models.values():
                 model.train(mode == "train")
-            if mode == "frozen BN":
-                check_same(models, x, net_name)
+            if mode == "frozen BN":  # (and training, on copies)
+                check_same(models, x, net_name, input_grad=False)
             kept = {c: kept_bytes(m, x) for c, m in models.items()}
             times = interleaved_medians({c: step(m, x) for c, m in models.items()}, repeats)
             name = f"{net_name}, {mode} ({pairs} fused pairs, {activations} with their activation)"

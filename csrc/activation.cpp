@@ -42,15 +42,6 @@ Activation parse_activation(
       "'sigmoid', 'gelu' (nn.GELU() with approximate='none')");
 }
 
-const char* activation_name(ActivationKind kind) {
-  for (const auto& [name, known] : kActivations) {
-    if (known == kind) {
-      return name;
-    }
-  }
-  return "identity";
-}
-
 void apply_activation_(at::Tensor& z, const Activation& act) {
   // In place where autograd allows it: inference then holds one
   // output-sized buffer at a time.

@@ -48,9 +48,6 @@ Activation parse_activation(
     c10::string_view name,
     double negative_slope);
 
-// The name an op takes for `kind`.
-const char* activation_name(ActivationKind kind);
-
 // f(z), in the opmath type T (float or double).
 template <typename T>
 C10_HOST_DEVICE inline T activation_forward(ActivationKind kind, T slope, T z) {
@@ -81,7 +78,8 @@ C10_HOST_DEVICE inline T activation_forward(ActivationKind kind, T slope, T z) {
 // f'(z), with ATen's conventions at the kinks (threshold_backward,
 // hardtanh_backward, leaky_relu_backward, hardswish_backward): 0 at z = 0
 // for relu and at z = 0 or 6 for relu6, the slope at z = 0 for leaky_relu,
-// z / 3 + 1/2 on [-3, 3] for hardswish.
+// 0 at z = -3 and 1 at z = 3 for hardswish (z / 3 + 1/2 between); a NaN
+// z passes the gradient through, as there.
 template <typename T>
 C10_HOST_DEVICE inline T activation_derivative(
     ActivationKind kind,
@@ -91,9 +89,9 @@ C10_HOST_DEVICE inline T activation_derivative(
     case ActivationKind::identity:
       return T(1);
     case ActivationKind::relu:
-      return z > T(0) ? T(1) : T(0);
+      return z <= T(0) ? T(0) : T(1);
     case ActivationKind::relu6:
-      return (z > T(0) && z < T(6)) ? T(1) : T(0);
+      return (z <= T(0) || z >= T(6)) ? T(0) : T(1);
     case ActivationKind::leaky_relu:
       return z > T(0) ? T(1) : slope;
     case ActivationKind::silu: {
@@ -101,7 +99,7 @@ C10_HOST_DEVICE inline T activation_derivative(
       return s * (T(1) + z * (T(1) - s));
     }
     case ActivationKind::hardswish:
-      return z < T(-3) ? T(0) : (z <= T(3) ? z / T(3) + T(0.5) : T(1));
+      return z <= T(-3) ? T(0) : (z < T(3) ? z / T(3) + T(0.5) : T(1));
     case ActivationKind::sigmoid: {
       const T s = T(1) / (T(1) + std::exp(-z));
       return s * (T(1) - s);

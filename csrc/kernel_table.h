@@ -95,7 +95,10 @@ struct KernelTable {
   // dz = dy * f'(a[c] * (y - mean[c]) + c0[c]), elementwise: the gradient
   // at the activation's input z, recomputed from the conv output y with the
   // forward's coefficients (a = gamma * invstd, c0 = beta), so the
-  // normalized output is never kept. dz may alias dy.
+  // normalized output is never kept. The mean is save_mean less the conv
+  // bias, which can differ from the forward's by an ulp: an element within
+  // rounding of a kink may take the other side's derivative. dz may alias
+  // dy.
   void (*activation_grad)(
       at::Tensor& dz,
       const at::Tensor& dy,

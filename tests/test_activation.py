@@ -335,6 +335,42 @@ def test_every_piece_of_the_piecewise_activations(act_id, layout, memory_efficie
             ref_p.grad = fused_p.grad = None
 
 
+@pytest.mark.parametrize("memory_efficient", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act_id", [a for a in ACTIVATION_IDS if BY_ID[a][0] in KINKS])
+def test_derivatives_exactly_at_the_kinks_are_aten_s(act_id, layout, memory_efficient):
+    """The activation's input exactly at each kink: a zero conv
+    weight makes every channel constant, so batch norm gives exactly beta,
+    which sits on the kinks. The derivative there is a convention; it must
+    be ATen's (relu: 0 at 0; relu6: 0 at 0 and 6; leaky_relu: the slope at
+    0; hardswish: 0 at -3, 1 at 3), as nn's triple computes it, in the fused
+    kernels (training) and in the frozen-BN node (eval). 17 channels reach
+    the CPU kernels' vector loops and their tails."""
+    act_name, slope = BY_ID[act_id]
+    betas = torch.tensor((list(KINKS[act_name]) * 17)[:17], **D)
+    ref = nn.Sequential(nn.Conv2d(3, 17, 3, padding=1, bias=False, **D), nn.BatchNorm2d(17, **D),
+                        nn_activation(act_name, slope))
+    with torch.no_grad():
+        ref[0].weight.zero_()
+        ref[1].bias.copy_(betas)
+        ref[1].running_mean.zero_()
+        ref[1].running_var.fill_(1.0)
+    fused = ConvBN2d.from_modules(ref[0], ref[1], memory_efficient, activation=ref[2])
+    for mode in ("train", "eval"):
+        ref.train(mode == "train"), fused.train(mode == "train")
+        x = torch.randn(2, 3, 5, 5, **D)
+        x_ref, x_fused = x.clone().requires_grad_(), _layout(x, layout).requires_grad_()
+        out_ref, out = ref(x_ref), fused(x_fused)
+        torch.testing.assert_close(out, out_ref)
+        grad = torch.randn_like(out_ref)
+        out_ref.backward(grad)
+        out.backward(_layout(grad, layout))
+        torch.testing.assert_close(x_fused.grad, x_ref.grad, msg=lambda m: f"{mode} grad input: {m}")
+        for name, ref_p, fused_p in param_pairs(ref, fused, False, True):
+            torch.testing.assert_close(fused_p.grad, ref_p.grad, msg=lambda m: f"{mode} grad {name}: {m}")
+            ref_p.grad = fused_p.grad = None
+
+
 @pytest.mark.parametrize("act_id", ACTIVATION_IDS)
 def test_bfloat16_module_is_as_accurate_as_the_bfloat16_triple(act_id):
     """A bfloat16 module (the CPU kernels' scalar path) against the float64

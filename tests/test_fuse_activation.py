@@ -385,6 +385,35 @@ def test_resnet18_fuses_the_stem_activation_only():
     assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 32, 32, dtype=F64), steps=1)
 
 
+class SharedWithATransformer(nn.Module):
+    """One ReLU after conv -> bn and also inside nn.TransformerEncoderLayer,
+    whose forward fx keeps as one call (a torch.nn module): the graph shows
+    only the first use."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, activation=self.act,
+                                                  batch_first=True)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.conv(x)))
+        return self.encoder(h.flatten(2).transpose(1, 2))
+
+
+def test_an_activation_also_used_inside_a_torch_nn_module_stays():
+    original = randomized(SharedWithATransformer())
+    fused, report = convbn.fuse(original, report=True)
+    assert len(report.fused) == 1 and not activation_slots(fused)
+    assert type(fused.act) is nn.ReLU and fused.encoder.activation is fused.act
+    [(left)] = report.activations_left_alone
+    assert left.activation == "act" and "TransformerEncoderLayer" in left.reason
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    original.eval(), fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), original(x))
+
+
 class Functional(nn.Module):
     def __init__(self):
         super().__init__()

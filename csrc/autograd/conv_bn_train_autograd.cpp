@@ -33,7 +33,7 @@ using torch::autograd::variable_list;
 class ConvBNTrainFunction
     : public torch::autograd::Function<ConvBNTrainFunction> {
  public:
-  static constexpr size_t kNumInputs = 17;
+  static constexpr size_t kNumInputs = 16;
 
   static variable_list forward(
       AutogradContext* ctx,

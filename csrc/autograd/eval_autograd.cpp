@@ -191,13 +191,11 @@ void chain_through_fold(
   }
   if (needs[kBnWeight] || needs[kVar]) {
     // d/d scale of W' = W * s and b' = (b - mean) * s + beta, per channel.
-    const at::Tensor centered_bias = bias.defined()
-        ? bias.to(fold.dtype) - running_mean.to(fold.dtype)
-        : -running_mean.to(fold.dtype);
     const at::Tensor grad_scale =
         sum_per_output_channel(
             grad_folded_weight * weight.to(fold.dtype), s.where) +
-        grad_folded_bias * centered_bias;
+        grad_folded_bias *
+            centered_bias(optional_of(bias), running_mean, fold.dtype);
     if (needs[kBnWeight]) {
       grads[kBnWeight] =
           (grad_scale * fold.inv_std).to(bn_weight.scalar_type());
@@ -211,20 +209,6 @@ void chain_through_fold(
                         .to(running_var.scalar_type());
     }
   }
-}
-
-// b' = (b - mean) * scale + beta in the weight's dtype, as the composite
-// folds it (for the activation's input, recomputed in backward).
-at::Tensor folded_bias(const SavedEval& s) {
-  const Fold& fold = s.fold;
-  const at::Tensor centered_bias = s.bias.defined()
-      ? s.bias.to(fold.dtype) - s.running_mean.to(fold.dtype)
-      : -s.running_mean.to(fold.dtype);
-  at::Tensor b = centered_bias * fold.scale;
-  if (s.bn_bias.defined()) {
-    b = b + s.bn_bias.to(fold.dtype);
-  }
-  return b.to(s.weight.scalar_type());
 }
 
 class ConvBNEvalFunction
@@ -295,9 +279,14 @@ class ConvBNEvalFunction
     // output-sized tensor).
     at::Tensor grad_conv_output = grad_output;
     if (!act.is_identity()) {
+      const at::Tensor folded_bias =
+          fold_bias(
+              optional_of(s.bias), s.running_mean, s.fold.scale,
+              optional_of(s.bn_bias))
+              .to(s.weight.scalar_type());
       const at::Tensor z = at::convolution(
-          s.input, s.fold.weight, folded_bias(s), stride, padding,
-          dilation, s.where.transposed, output_padding, s.where.groups);
+          s.input, s.fold.weight, folded_bias, stride, padding, dilation,
+          s.where.transposed, output_padding, s.where.groups);
       grad_conv_output = activation_backward(grad_output, z, act);
     }
     auto [grad_input, grad_folded_weight, grad_folded_bias] =

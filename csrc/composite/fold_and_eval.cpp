@@ -81,15 +81,8 @@ std::tuple<at::Tensor, at::Tensor> fold_conv_bn_composite(
   if (present(bn_weight)) {
     scale = scale * bn_weight->to(dtype);
   }
-  const at::Tensor centered_bias = present(bias)
-      ? bias->to(dtype) - running_mean.to(dtype)
-      : -running_mean.to(dtype);
-  at::Tensor folded_bias = centered_bias * scale;
-  if (present(bn_bias)) {
-    folded_bias = folded_bias + bn_bias->to(dtype);
-  }
   return {scale_output_channels(weight, scale, where),
-          folded_bias.to(weight.dtype())};
+          fold_bias(bias, running_mean, scale, bn_bias).to(weight.dtype())};
 }
 
 } // namespace
@@ -101,6 +94,24 @@ at::ScalarType fold_dtype(const at::Tensor& weight, const at::Tensor& running_va
 
 at::Tensor fold_inv_std(const at::Tensor& running_var, at::ScalarType dtype, double eps) {
   return (running_var.to(dtype) + eps).rsqrt();
+}
+
+at::Tensor centered_bias(
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean,
+    at::ScalarType dtype) {
+  return present(bias) ? bias->to(dtype) - running_mean.to(dtype)
+                       : -running_mean.to(dtype);
+}
+
+at::Tensor fold_bias(
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& scale,
+    const std::optional<at::Tensor>& bn_bias) {
+  const auto dtype = scale.scalar_type();
+  at::Tensor folded = centered_bias(bias, running_mean, dtype) * scale;
+  return present(bn_bias) ? folded + bn_bias->to(dtype) : folded;
 }
 
 namespace {

@@ -26,6 +26,20 @@ struct OutputChannels {
   int64_t groups = 1;
 };
 
+// b - running_mean (-running_mean without a bias), in `dtype`.
+at::Tensor centered_bias(
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean,
+    at::ScalarType dtype);
+
+// The folded bias (b - running_mean) * scale + beta, in scale's dtype (the
+// fold's; the caller casts it).
+at::Tensor fold_bias(
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& scale,
+    const std::optional<at::Tensor>& bn_bias);
+
 // W * scale per output channel (scale in the fold's dtype), in W's dtype.
 at::Tensor scale_output_channels(
     const at::Tensor& weight,

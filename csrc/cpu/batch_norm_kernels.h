@@ -102,7 +102,7 @@ at::vec::Vectorized<T> vec_activation(at::vec::Vectorized<T> z, T slope) {
   } else if constexpr (K == ActivationKind::leaky_relu) {
     return Vec::blendv(z * Vec(slope), z, z > zero);
   } else if constexpr (K == ActivationKind::silu) {
-    return z * vec_sigmoid(z);
+    return z / (Vec(T(1)) + z.neg().exp());
   } else if constexpr (K == ActivationKind::hardswish) {
     return z *
         at::vec::minimum(at::vec::maximum(z + Vec(T(3)), zero), Vec(T(6))) /
@@ -115,7 +115,7 @@ at::vec::Vectorized<T> vec_activation(at::vec::Vectorized<T> z, T slope) {
   }
 }
 
-// f'(z), with activation_derivative's values at the kinks.
+// f'(z), with activation_derivative's values at the kinks and for NaN.
 template <ActivationKind K, typename T>
 at::vec::Vectorized<T> vec_activation_derivative(
     at::vec::Vectorized<T> z,
@@ -125,9 +125,9 @@ at::vec::Vectorized<T> vec_activation_derivative(
   if constexpr (K == ActivationKind::identity) {
     return one;
   } else if constexpr (K == ActivationKind::relu) {
-    return Vec::blendv(zero, one, z > zero);
+    return Vec::blendv(one, zero, z <= zero);
   } else if constexpr (K == ActivationKind::relu6) {
-    return Vec::blendv(zero, one, (z > zero) & (z < Vec(T(6))));
+    return Vec::blendv(one, zero, (z <= zero) | (z >= Vec(T(6))));
   } else if constexpr (K == ActivationKind::leaky_relu) {
     return Vec::blendv(Vec(slope), one, z > zero);
   } else if constexpr (K == ActivationKind::silu) {
@@ -136,7 +136,7 @@ at::vec::Vectorized<T> vec_activation_derivative(
   } else if constexpr (K == ActivationKind::hardswish) {
     const Vec middle = z / Vec(T(3)) + Vec(T(0.5));
     return Vec::blendv(
-        Vec::blendv(middle, one, z > Vec(T(3))), zero, z < Vec(T(-3)));
+        Vec::blendv(one, middle, z < Vec(T(3))), zero, z <= Vec(T(-3)));
   } else if constexpr (K == ActivationKind::sigmoid) {
     const Vec s = vec_sigmoid(z);
     return s * (one - s);
@@ -271,7 +271,9 @@ void span_affine(
   }
 }
 
-// dz = dy * f'(a * (y - mean) + c), z computed as span_affine computes it.
+// dz = dy * f'(a * (y - mean) + c), z computed with span_affine's
+// expression. (Its coefficients are the forward's up to rounding: the
+// backward's mean is save_mean less the conv bias.)
 template <typename T, ActivationKind K>
 void span_activation_grad(
     T* dz,
@@ -403,8 +405,8 @@ void row_affine(
   }
 }
 
-// dz[c] = dy[c] * f'(a[c] * (y[c] - mean[c]) + c0[c]), as row_affine
-// computes z.
+// dz[c] = dy[c] * f'(a[c] * (y[c] - mean[c]) + c0[c]), z with row_affine's
+// expression.
 template <typename T, ActivationKind K>
 void row_activation_grad(
     T* dz,

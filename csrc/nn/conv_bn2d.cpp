@@ -322,6 +322,13 @@ ConvBN2d from_modules(
 
 std::pair<torch::nn::Conv2d, torch::nn::BatchNorm2d> to_modules(
     const ConvBN2d& module) {
+  // The pair alone would compute something else; Python's to_modules
+  // returns the activation module as a third element.
+  TORCH_CHECK_VALUE(
+      module->options.activation() == "identity",
+      kModule, ": to_modules returns the conv and the batch norm only, but "
+      "this module also applies activation=", module->options.activation(),
+      "; apply that activation after the pair");
   torch::nn::Conv2d conv(module->options.conv_options());
   torch::nn::BatchNorm2d bn(module->options.bn_options());
   copy_state(*module, *conv, reversed(kConvNames));

@@ -163,7 +163,8 @@ ConvBN2d from_modules(
     bool memory_efficient = true);
 
 // The pair holding copies of the module's parameters, buffers and options,
-// in its train/eval mode.
+// in its train/eval mode. A module with an activation is refused
+// (c10::ValueError): the pair alone would not compute what it computes.
 std::pair<torch::nn::Conv2d, torch::nn::BatchNorm2d> to_modules(
     const ConvBN2d& module);
 

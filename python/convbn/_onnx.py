@@ -143,19 +143,19 @@ def fold_conv_bn_symbolic(g, weight, bias, bn_weight, bn_bias, running_mean, run
 _SQRT1_2 = 0.7071067811865476
 
 
-def _activation_symbolic(g, x, activation: str, negative_slope: float):
+def _activation_symbolic(g, x, dtype: Optional[torch.dtype], activation: str, negative_slope: float):
     """The fused activation as ONNX nodes after the folded Conv; constants in
-    x's dtype. Every node exists from opset 7 (HardSigmoid, Erf: opset 6/9)."""
+    dtype (the conv's). Every node exists from opset 9 (Erf)."""
     if activation == "identity":
         return x
 
     def const(value: float):
-        return g.op("Constant", value_t=torch.tensor(value, dtype=_dtype(x) or torch.float32))
+        return g.op("Constant", value_t=torch.tensor(value, dtype=dtype or torch.float32))
 
     if activation == "relu":
         return g.op("Relu", x)
-    if activation == "relu6":  # 6 * clip(x / 6, 0, 1)
-        return g.op("Mul", g.op("HardSigmoid", x, alpha_f=1.0 / 6.0, beta_f=0.0), const(6.0))
+    if activation == "relu6":  # exact, where 6 * HardSigmoid(x / 6) rounds
+        return g.op("Min", g.op("Relu", x), const(6.0))
     if activation == "leaky_relu":
         return g.op("LeakyRelu", x, alpha_f=negative_slope)
     if activation == "silu":
@@ -186,7 +186,7 @@ def conv_bn_eval_symbolic(g, input, weight, bias, bn_weight, bn_bias, running_me
         output = g.op("ConvTranspose", input, folded_weight, folded_bias, **attributes)
     else:
         output = g.op("Conv", input, folded_weight, folded_bias, **attributes)
-    return _activation_symbolic(g, output, activation, negative_slope)
+    return _activation_symbolic(g, output, _dtype(input) or _dtype(weight), activation, negative_slope)
 
 
 @parse_args("v", "v", "v", "v", "v", "v", "v", "f")

@@ -51,6 +51,8 @@ def apply_activation(x: Tensor, activation: str, negative_slope: float) -> Tenso
         return torch.sigmoid(x)
     if activation == "gelu":
         return F.gelu(x)
+    if activation != "identity":
+        raise ValueError("convbn: unknown activation '" + activation + "'")
     return x
 
 

@@ -968,6 +968,9 @@ def _adopt(layer: nn.Module, bn: nn.Module, memory_efficient: bool,
     return fused
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def _activation_reason(act: nn.Module, layer: nn.Module, bn: nn.Module, places) -> Optional[str]:
     """Why the activation module act, which takes only (layer, bn)'s output,
     cannot be fused with them (its type, hooks, tensors), or None."""
@@ -984,6 +987,12 @@ def _activation_reason(act: nn.Module, layer: nn.Module, bn: nn.Module, places) 
         return "the activation module holds parameters, buffers or submodules"
     if id(act) not in places:
         return "the activation module is not registered in the model"
+    for parent, _, full in places[id(act)]:
+        # fx does not trace into torch.nn's own modules, so a call they make
+        # (nn.TransformerEncoderLayer(activation=act)) shows in no graph.
+        if not isinstance(parent, _CONTAINERS) and torch.fx.Tracer().is_leaf_module(parent, ""):
+            return (f"the activation module is also registered as {full!r} in {type(parent).__name__}, "
+                    "whose forward fuse cannot see")
     return None
 
 

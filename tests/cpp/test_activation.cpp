@@ -125,6 +125,7 @@ TEST(Activation, ModuleOptionMatchesTheFunctions) {
   EXPECT_NE(printed.str().find("activation=leaky_relu, negative_slope=0.2"),
             std::string::npos)
       << printed.str();
+  EXPECT_THROW(convbn::to_modules(module), c10::ValueError);
 }
 
 TEST(Activation, UnknownNameIsAnError) {
