@@ -224,7 +224,9 @@ def param_pairs(ref, fused, bias, affine):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_matches_conv_bn_activation(case):
+def test_matches_conv_bn_activation(case, device):
+    """The module on `device` (CPU, and CUDA where there is one) against the
+    float64 nn triple on the CPU."""
     act_name, slope = BY_ID[case["activation"]]
     cls, _, _, _, shape = KINDS[case["kind"]]
     out_ch, groups = CHANNELS[case["channels"]]
@@ -232,18 +234,18 @@ def test_matches_conv_bn_activation(case):
     ref = make_triple(case["kind"], out_ch, groups, case["bias"], case["affine"], case["track"], dtype,
                       act_name, slope)
     fused = cls.from_modules(ref[0], ref[1], memory_efficient=case["memory_efficient"],
-                             activation=copy.deepcopy(ref[2])).to(dtype)
+                             activation=copy.deepcopy(ref[2])).to(device=device, dtype=dtype)
     assert type(fused) is cls and fused.activation == act_name and fused.negative_slope == slope
     assert fused.memory_efficient == case["memory_efficient"]
 
     def check(actual, expected, name):
-        assert actual.dtype == dtype, name
-        assert_close_to_reference(actual, expected, dtype, name)
+        assert actual.dtype == dtype and actual.device.type == device, name
+        assert_close_to_reference(actual.cpu(), expected, dtype, name)
 
     for step in range(2):
         x = _round(torch.randn(*shape, **D) * 2 + step, dtype)
         x_ref = x.clone().requires_grad_()
-        x_fused = _layout(x.to(dtype), case["layout"]).requires_grad_()
+        x_fused = _layout(x.to(device, dtype), case["layout"]).requires_grad_()
         out_ref = ref(x_ref)
         out = fused(x_fused)
         assert out.shape == out_ref.shape
@@ -251,7 +253,7 @@ def test_matches_conv_bn_activation(case):
             assert out.is_contiguous(memory_format=torch.channels_last if out.dim() == 4 else torch.channels_last_3d)
         grad = _round(torch.randn_like(out_ref), dtype)
         out_ref.backward(grad)
-        out.backward(_layout(grad.to(dtype), case["layout"]))
+        out.backward(_layout(grad.to(device, dtype), case["layout"]))
         check(out, out_ref, f"output, step {step}")
         check(x_fused.grad, x_ref.grad, f"grad input, step {step}")
         for name, ref_p, fused_p in param_pairs(ref, fused, case["bias"], case["affine"]):
@@ -269,17 +271,17 @@ def test_matches_conv_bn_activation(case):
     ref.eval(), fused.eval()
     x = _round(torch.randn(*shape, **D), dtype)
     x_ref = x.clone().requires_grad_()
-    x_fused = _layout(x.to(dtype), case["layout"]).requires_grad_()
+    x_fused = _layout(x.to(device, dtype), case["layout"]).requires_grad_()
     out_ref, out = ref(x_ref), fused(x_fused)
     check(out, out_ref, "eval output")
     grad = _round(torch.randn_like(out_ref), dtype)
     out_ref.backward(grad)
-    out.backward(_layout(grad.to(dtype), case["layout"]))
+    out.backward(_layout(grad.to(device, dtype), case["layout"]))
     check(x_fused.grad, x_ref.grad, "eval grad input")
     for name, ref_p, fused_p in param_pairs(ref, fused, case["bias"], case["affine"]):
         check(fused_p.grad, ref_p.grad, f"eval grad {name}")
     with torch.no_grad():
-        check(fused(_layout(x.to(dtype), case["layout"])), out_ref, "eval output, no_grad")
+        check(fused(_layout(x.to(device, dtype), case["layout"])), out_ref, "eval output, no_grad")
     if case["track"]:
         assert fused.num_batches_tracked.item() == 2  # eval leaves the statistics alone
 
@@ -291,7 +293,7 @@ def test_matches_conv_bn_activation(case):
         assert len(modules) == 3 and type(modules[2]) is type(ref[2])
         assert repr(modules[2]) == repr(ref[2])
     with torch.no_grad():
-        check(nn.Sequential(*modules)(x.to(dtype)), out_ref, "to_modules output")
+        check(nn.Sequential(*modules)(x.to(device, dtype)), out_ref, "to_modules output")
 
 
 @pytest.mark.parametrize("memory_efficient", [True, False])
@@ -338,14 +340,15 @@ def test_every_piece_of_the_piecewise_activations(act_id, layout, memory_efficie
 @pytest.mark.parametrize("memory_efficient", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("act_id", [a for a in ACTIVATION_IDS if BY_ID[a][0] in KINKS])
-def test_derivatives_exactly_at_the_kinks_are_aten_s(act_id, layout, memory_efficient):
+def test_derivatives_exactly_at_the_kinks_are_aten_s(act_id, layout, memory_efficient, device):
     """The activation's input exactly at each kink: a zero conv
     weight makes every channel constant, so batch norm gives exactly beta,
     which sits on the kinks. The derivative there is a convention; it must
     be ATen's (relu: 0 at 0; relu6: 0 at 0 and 6; leaky_relu: the slope at
     0; hardswish: 0 at -3, 1 at 3), as nn's triple computes it, in the fused
-    kernels (training) and in the frozen-BN node (eval). 17 channels reach
-    the CPU kernels' vector loops and their tails."""
+    kernels (training) and in the frozen-BN node (eval), on the CPU (17
+    channels reach the kernels' vector loops and their tails) and on CUDA
+    where there is one."""
     act_name, slope = BY_ID[act_id]
     betas = torch.tensor((list(KINKS[act_name]) * 17)[:17], **D)
     ref = nn.Sequential(nn.Conv2d(3, 17, 3, padding=1, bias=False, **D), nn.BatchNorm2d(17, **D),
@@ -355,19 +358,19 @@ def test_derivatives_exactly_at_the_kinks_are_aten_s(act_id, layout, memory_effi
         ref[1].bias.copy_(betas)
         ref[1].running_mean.zero_()
         ref[1].running_var.fill_(1.0)
-    fused = ConvBN2d.from_modules(ref[0], ref[1], memory_efficient, activation=ref[2])
+    fused = ConvBN2d.from_modules(ref[0], ref[1], memory_efficient, activation=ref[2]).to(device)
     for mode in ("train", "eval"):
         ref.train(mode == "train"), fused.train(mode == "train")
         x = torch.randn(2, 3, 5, 5, **D)
-        x_ref, x_fused = x.clone().requires_grad_(), _layout(x, layout).requires_grad_()
+        x_ref, x_fused = x.clone().requires_grad_(), _layout(x.to(device), layout).requires_grad_()
         out_ref, out = ref(x_ref), fused(x_fused)
-        torch.testing.assert_close(out, out_ref)
+        torch.testing.assert_close(out.cpu(), out_ref)
         grad = torch.randn_like(out_ref)
         out_ref.backward(grad)
-        out.backward(_layout(grad, layout))
-        torch.testing.assert_close(x_fused.grad, x_ref.grad, msg=lambda m: f"{mode} grad input: {m}")
+        out.backward(_layout(grad.to(device), layout))
+        torch.testing.assert_close(x_fused.grad.cpu(), x_ref.grad, msg=lambda m: f"{mode} grad input: {m}")
         for name, ref_p, fused_p in param_pairs(ref, fused, False, True):
-            torch.testing.assert_close(fused_p.grad, ref_p.grad, msg=lambda m: f"{mode} grad {name}: {m}")
+            torch.testing.assert_close(fused_p.grad.cpu(), ref_p.grad, msg=lambda m: f"{mode} grad {name}: {m}")
             ref_p.grad = fused_p.grad = None
 
 
