@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .activation import DEFAULT_NEGATIVE_SLOPE
 from .modules import (
     ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d, LinearBN1d,
     _batch_norm_arguments, _conv_arguments,
@@ -150,7 +151,7 @@ class SyncConvBN2d(_SyncConvBNNd, ConvBN2d):
         device=None,
         dtype=None,
         activation: str = "identity",
-        negative_slope: float = 0.01,
+        negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
