@@ -8,14 +8,22 @@ and the incoming gradient hold) for the eager pair, convbn in both modes,
 the tutorial-style Python recompute Function and (with --compile)
 torch.compile of the pair; eval time against the bare conv. Ratios are
 against the eager pair (train, memory) or the bare conv (eval) of the same
-run. `--device cpu` runs the same code on the CPU (a smoke test; use
-bench_cpu.py for CPU figures).
+run. Before timing, every contender's output and input gradient are
+checked: as close to the float64 pair as the eager pair in the same dtype
+is (5x, plus a floor). `--device cpu` runs the same code on the CPU (a
+smoke test; use bench_cpu.py for CPU figures).
 
-    python3 benchmarks/bench_gpu.py --markdown gpu_results.md [--compile]
+Each measured row is also printed as a line `ROW {json}`, so that the plot
+can be drawn from the log wherever matplotlib is:
+
+    python3 benchmarks/bench_gpu.py --markdown gpu_results.md [--compile] > bench.log
+    python3 benchmarks/bench_gpu.py --plot-from bench.log --plot gpu_layers.png
 """
 
 import argparse
+import copy
 import datetime
+import json
 import os
 import sys
 import time
@@ -99,6 +107,31 @@ def make_contenders(conv, bn, use_compile):
     return contenders
 
 
+def check_contenders(contenders, conv, bn, x, grad, what):
+    """Each contender's output and input gradient against the float64 pair:
+    within 5x the eager pair's error (relative, Frobenius norm) plus a floor
+    for the dtype, so that no broken contender is timed. Runs each contender
+    once (a training step: its running statistics move, as when timed)."""
+    floor = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}[x.dtype]
+    ref = nn.Sequential(copy.deepcopy(conv).double(), copy.deepcopy(bn).double())
+    x64 = x.detach().double().requires_grad_()
+    out64 = ref(x64)
+    out64.backward(grad.double())
+    errors = {}
+    for label, module in contenders.items():
+        xc = x.detach().clone().requires_grad_()
+        out = module(xc)
+        out.backward(grad)
+        module.zero_grad(set_to_none=True)
+        errors[label] = [((a.double() - b).norm() / b.norm()).item() for a, b in ((out, out64), (xc.grad, x64.grad))]
+    for label, errs in errors.items():
+        for what_of, err, pair_err in zip(("output", "input gradient"), errs, errors["eager pair"]):
+            bound = 5 * pair_err + floor
+            if not err <= bound:  # (NaN fails too)
+                raise AssertionError(f"{what}, {label}, {what_of}: relative error {err:.3g} against the float64 "
+                                     f"pair, the eager pair's is {pair_err:.3g} (bound {bound:.3g})")
+
+
 def bench_shape(shape, batch, dtype, memory_format, device, repeats, use_compile):
     name, cin, cout, k, s, hw = shape
     torch.manual_seed(0)
@@ -109,6 +142,7 @@ def bench_shape(shape, batch, dtype, memory_format, device, repeats, use_compile
     x = torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=memory_format)
     x.requires_grad_()
     grad = torch.randn_like(contenders["eager pair"](x)).contiguous(memory_format=memory_format)
+    check_contenders(contenders, conv, bn, x, grad, f"{name}, {dtype}, {memory_format}")
     timer = Timer(device)
     row = {"shape": name, "batch": batch}
 
@@ -177,6 +211,63 @@ def summary(rows, contenders):
     return "\n".join(out)
 
 
+def device_description(device):
+    if device.type != "cuda":
+        return "CPU (smoke test)"
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+
+
+def emitter(markdown):
+    """emit(lines): prints them and appends them to markdown (if given), each
+    table as soon as it is done, so that a run cut short by a time limit
+    keeps the finished ones."""
+    def emit(lines):
+        text = "\n".join(lines) + "\n"
+        print(text, flush=True)
+        if markdown:
+            with open(markdown, "a") as f:
+                f.write(text)
+    return emit
+
+
+def plot(log, png):
+    """Per-layer train time and activation memory against the eager pair,
+    one column per dtype and layout, from the ROW lines of a run's log."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}
+    with open(log) as f:
+        for line in f:
+            if line.startswith("ROW "):
+                row = json.loads(line[4:])
+                groups.setdefault((row["dtype"], row["layout"]), []).append(row)
+    if not groups:
+        raise SystemExit(f"--plot-from: no ROW lines in {log}")
+    fig, axes = plt.subplots(2, len(groups), figsize=(7 * len(groups), 8), squeeze=False)
+    for col, ((dtype, layout), rows) in enumerate(sorted(groups.items())):
+        contenders = [k[len("train "):] for k in rows[0] if k.startswith("train ") and k != "train eager pair"]
+        width = 0.8 / len(contenders)
+        for row_i, (key, label) in enumerate((("train", "train step time"), ("mem", "activation memory"))):
+            ax = axes[row_i][col]
+            for i, c in enumerate(contenders):
+                ax.bar([j + i * width for j in range(len(rows))],
+                       [r[f"{key} {c}"] / r[f"{key} eager pair"] for r in rows], width, label=c)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+            ax.set_xticklabels([r["shape"] for r in rows], rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel(f"{label} / eager pair")
+            ax.set_title(f"{dtype}, {layout}: {label}", fontsize=10)
+            if row_i == 0 and col == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"convbn per layer, ResNet-50 shapes ({rows[0].get('device', '')})")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"wrote {png}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -187,26 +278,20 @@ def main():
     parser.add_argument("--shapes", type=int, default=len(RESNET50_SHAPES), help="first N shapes only")
     parser.add_argument("--compile", action="store_true", help="add torch.compile of the pair (slow to compile)")
     parser.add_argument("--markdown", help="append the tables here")
+    parser.add_argument("--plot-from", help="draw --plot from the ROW lines of this log, and measure nothing")
+    parser.add_argument("--plot", help="the PNG to write (with --plot-from)")
     args = parser.parse_args()
+    if args.plot_from or args.plot:
+        if not (args.plot_from and args.plot):
+            parser.error("--plot-from and --plot go together")
+        plot(args.plot_from, args.plot)
+        return
 
     device = torch.device(args.device)
     shapes = RESNET50_SHAPES[: args.shapes]
     contenders = list(make_contenders(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1), args.compile))
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        where = f"{props.name}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
-    else:
-        where = "CPU (smoke test)"
-
-    def emit(lines):
-        # Each table as soon as it is done, so that a run cut short by a
-        # time limit keeps the finished ones.
-        text = "\n".join(lines) + "\n"
-        print(text, flush=True)
-        if args.markdown:
-            with open(args.markdown, "a") as f:
-                f.write(text)
-
+    where = device_description(device)
+    emit = emitter(args.markdown)
     emit([f"Device: {where}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
           f"medians of {args.repeats} repeats."])
     for dtype_name in args.dtypes.split(","):
@@ -217,6 +302,8 @@ def main():
             for shape in shapes:
                 batch = largest_batch(shape, dtype, fmt, device, args.batch, args.compile)
                 rows.append(bench_shape(shape, batch, dtype, fmt, device, args.repeats, args.compile))
+                print("ROW " + json.dumps({"dtype": dtype_name, "layout": layout, "device": where, **rows[-1]}),
+                      flush=True)
                 print(f"done: {dtype_name} {layout} {shape[0]} (batch {batch})", flush=True)
             emit(["", f"### {dtype_name}, {layout}", "", table(rows, contenders), "",
                   "Geometric means over the shapes:", summary(rows, contenders)])

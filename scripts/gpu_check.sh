@@ -17,7 +17,9 @@
 #   test      tests/test_cuda.py, then the suite's other CUDA cases (-k cuda)
 #   sanitize  compute-sanitizer memcheck and racecheck on a short CUDA test
 #             run: convbn's kernels only, caching allocator off
-#   bench     benchmarks/bench_gpu.py (BENCH_ARGS: more arguments)
+#   bench     benchmarks/bench_gpu.py, the layers (BENCH_ARGS: more arguments)
+#   networks  benchmarks/bench_gpu_networks.py: whole ResNet-50 training,
+#             frozen-BN fine-tuning, the BN passes' bandwidth (NETWORKS_ARGS)
 #   cpu       the C++ library and programs (CMake), then the suite's CPU cases
 # The stages use the tree's package (PYTHONPATH=python, no pip install), so a
 # later call on a fresh machine can run `test` or `sanitize` alone: with the
@@ -29,7 +31,7 @@
 # skipped, so summary.txt is complete before the 10 minutes are up. Limits
 # (seconds, from the environment): BUILD_TIMEOUT 420, TEST_CUDA_TIMEOUT 180,
 # TEST_REST_TIMEOUT 300, SANITIZE_TIMEOUT 240 (per tool), BENCH_TIMEOUT 300,
-# CMAKE_TIMEOUT 300, CPU_TEST_TIMEOUT 540. Sanitizer run: SANITIZE_FILES
+# NETWORKS_TIMEOUT 540, CMAKE_TIMEOUT 300, CPU_TEST_TIMEOUT 540. Sanitizer run: SANITIZE_FILES
 # (default tests/test_cuda.py), SANITIZE_K (the -k expression, default
 # "half_types or non_contiguous"), SANITIZE_KERNELS (the --kernel-name
 # filter, default kns=convbn), SANITIZER_ARGS (more options).
@@ -52,8 +54,8 @@ PY=${PYTHON:-python3}
 
 for stage in ${STAGES//,/ }; do
   case $stage in
-    build | test | sanitize | bench | cpu) ;;
-    *) echo "gpu_check: unknown stage '$stage' (stages: build,test,sanitize,bench,cpu)" >&2; exit 2 ;;
+    build | test | sanitize | bench | networks | cpu) ;;
+    *) echo "gpu_check: unknown stage '$stage' (stages: build,test,sanitize,bench,networks,cpu)" >&2; exit 2 ;;
   esac
 done
 has_stage() { [[ ",$STAGES," == *",$1,"* ]]; }
@@ -125,7 +127,7 @@ need() { missing+=("$1 -> $2"); }
 case $torch_state in
   missing) need "torch" "nothing can run" ;;
   cpu-build) need "a CUDA build of torch" "nothing can run (torch is a CPU build)" ;;
-  no-gpu) need "a visible GPU" "test, sanitize and bench skipped (torch.cuda.is_available() is False)" ;;
+  no-gpu) need "a visible GPU" "test, sanitize, bench and networks skipped (torch.cuda.is_available() is False)" ;;
 esac
 HAVE_BUILD=1
 if [ -z "${CUDA_HOME:-}" ]; then
@@ -144,7 +146,7 @@ command -v ninja >/dev/null || need "ninja" "the build compiles one file at a ti
 HAVE_PYTEST=1
 "$PY" -c 'import pytest' 2>/dev/null || { need "pytest" "test, sanitize and cpu skipped"; HAVE_PYTEST=0; }
 HAVE_TQDM=1
-"$PY" -c 'import tqdm' 2>/dev/null || { need "tqdm" "convbn cannot be imported (convbn.recalibrate): test, sanitize, bench, cpu skipped"; HAVE_TQDM=0; }
+"$PY" -c 'import tqdm' 2>/dev/null || { need "tqdm" "convbn cannot be imported (convbn.recalibrate): test, sanitize, bench, networks, cpu skipped"; HAVE_TQDM=0; }
 "$PY" -c 'import numpy' 2>/dev/null || need "numpy" "tests/test_demo.py (CPU) cannot be collected"
 "$PY" -c 'import matplotlib' 2>/dev/null || need "matplotlib" "nothing here (bench_cpu.py --plot only)"
 command -v cmake >/dev/null || need "cmake" "cpu: no C++ library and programs (their tests skip)"
@@ -254,7 +256,7 @@ need_library() {
 gpu_ready() { # STAGE: says why STAGE cannot run, if it cannot
   if [ "$torch_state" != ok ]; then
     report "$1" "skipped" 0 "no visible GPU"
-  elif [ "$HAVE_PYTEST" = 0 ] && [ "$1" != bench ]; then
+  elif [ "$HAVE_PYTEST" = 0 ] && [ "$1" != bench ] && [ "$1" != networks ]; then
     report "$1" "skipped" 0 "no pytest"
   elif [ "$HAVE_TQDM" = 0 ]; then
     report "$1" "skipped" 0 "no tqdm: convbn cannot be imported"
@@ -312,6 +314,15 @@ if has_stage bench && gpu_ready bench; then
     --markdown "$RESULTS/gpu_results.md" "${bench_args[@]}"
   report "bench" "$STEP_STATUS" "$STEP_SECS" "gpu_results.md, bench.log"
 fi
+# Whole networks and the BN passes: appended to the same two files (the
+# device tool brings back at most 8); the per-layer plot is drawn from
+# bench.log afterwards (bench_gpu.py --plot-from).
+if has_stage networks && gpu_ready networks; then
+  read -r -a networks_args <<< "${NETWORKS_ARGS:-}"
+  run_step "${NETWORKS_TIMEOUT:-540}" "$RESULTS/bench.log" "$PY" benchmarks/bench_gpu_networks.py \
+    --markdown "$RESULTS/gpu_results.md" "${networks_args[@]}"
+  report "networks" "$STEP_STATUS" "$STEP_SECS" "gpu_results.md, bench.log"
+fi
 
 # ---- CPU: the C++ programs and the CPU cases -------------------------------
 if has_stage cpu; then
@@ -343,7 +354,7 @@ echo
 echo "gpu_check: results in $RESULTS; this run's summary:"
 tail -n +"$SUMMARY_FROM" "$SUMMARY"
 # A GPU check that could not use a GPU did not pass.
-if [ "$torch_state" != ok ] && { has_stage test || has_stage sanitize || has_stage bench; }; then
+if [ "$torch_state" != ok ] && { has_stage test || has_stage sanitize || has_stage bench || has_stage networks; }; then
   echo "gpu_check: no visible GPU, so nothing was tested on one"
   exit 1
 fi

@@ -75,3 +75,19 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _float32_convolutions_in_float32():
+    """cuDNN runs float32 convolutions in TF32 by default
+    (torch.backends.cudnn.allow_tf32): their inputs rounded to a 10-bit
+    mantissa, about 1e-3 relative, as far from the float64 references as
+    TOLERANCE[float32] is ten times over, for nn's pair as for convbn. The
+    tests check float32 arithmetic, so they turn TF32 off (convolutions and
+    matmuls), and restore the flags after each test; tests/test_cuda.py
+    checks convbn under TF32 against nn's pair under TF32, like with like.
+    Without a GPU the flags change nothing."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -69,6 +69,9 @@ def launch(world_size, scenario, configs, backend="gloo"):
 def _main(rank, world_size, backend, store, scenario, configs, out_dir):
     try:
         torch.set_num_threads(1)
+        # The tests' float32 comparisons are for float32 arithmetic: TF32
+        # off, as conftest.py sets it in the parent for every test.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(

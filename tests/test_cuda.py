@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import requires_cuda
+from conftest import assert_as_accurate_as_pair, requires_cuda
 from convbn import ConvBN2d
 
 pytestmark = requires_cuda
@@ -48,6 +48,49 @@ def test_half_types_match_the_pair_in_float32(dtype, channels_last, memory_effic
     torch.testing.assert_close(xh.grad.float(), xr.grad, rtol=tol, atol=tol * 4)
     # Statistics stay float32 inside and are only rounded when stored.
     torch.testing.assert_close(fused.running_var.float(), ref_bn.running_var, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_tf32_is_as_accurate_as_the_pair_under_tf32(channels_last, memory_efficient):
+    """With cuDNN's TF32 on, as it is by default (the other tests turn it
+    off: conftest.py), convbn's float32 results are as far from the float64
+    pair as nn's float32 pair under TF32 is: training and eval, the output,
+    the gradients and the running statistics. Like with like: both take
+    their convolutions from cuDNN under the same flags."""
+    torch.backends.cudnn.allow_tf32 = True  # conftest's fixture restores it
+    conv, bn = _pair(cin=64, cout=32)
+    ref_conv, ref_bn = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    pair_conv, pair_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    fused = ConvBN2d.from_modules(conv, bn, memory_efficient)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(2):
+        x = torch.randn(8, 64, 16, 16, device="cuda") + step
+        g = torch.randn(8, 32, 16, 16, device="cuda")
+        xs = [x.double().requires_grad_(), x.clone().requires_grad_(),
+              x.contiguous(memory_format=fmt).requires_grad_()]
+        outs = [ref_bn(ref_conv(xs[0])), pair_bn(pair_conv(xs[1])), fused(xs[2])]
+        for out in outs:
+            out.backward(g.to(out.dtype))
+        results = {
+            "output": [o.detach() for o in outs],
+            "grad input": [x.grad for x in xs],
+            "grad weight": [ref_conv.weight.grad, pair_conv.weight.grad, fused.weight.grad],
+            "grad bn_weight": [ref_bn.weight.grad, pair_bn.weight.grad, fused.bn_weight.grad],
+            "running_var": [ref_bn.running_var, pair_bn.running_var, fused.running_var],
+        }
+        for name, (expected, pair, actual) in results.items():
+            assert_as_accurate_as_pair(actual.cpu(), pair.cpu(), expected.cpu(), torch.float32, f"{name}, step {step}")
+        for p in [*ref_conv.parameters(), *ref_bn.parameters(), *pair_conv.parameters(), *pair_bn.parameters(),
+                  *fused.parameters()]:
+            p.grad = None
+    for m in (ref_bn, pair_bn, fused):
+        m.eval()
+    x = torch.randn(8, 64, 16, 16, device="cuda")
+    with torch.no_grad():
+        expected, pair = ref_bn(ref_conv(x.double())), pair_bn(pair_conv(x))
+        actual = fused(x.contiguous(memory_format=fmt))
+    assert_as_accurate_as_pair(actual.cpu(), pair.cpu(), expected.cpu(), torch.float32, "eval output")
 
 
 # Just below 2^31 elements (2^31 - 2: one grid stride short, where a 32-bit

@@ -88,9 +88,11 @@ at::vec::Vectorized<T> vec_sigmoid(const at::vec::Vectorized<T>& z) {
   return Vec(T(1)) / (Vec(T(1)) + z.neg().exp());
 }
 
-// f(z); maximum/minimum propagate NaN, as torch.relu and clamp do.
+// f(z); maximum/minimum propagate NaN, as torch.relu and clamp do. (z by
+// reference: a 32-byte-aligned Vectorized passed by value makes GCC print
+// an ABI note on the portable build.)
 template <ActivationKind K, typename T>
-at::vec::Vectorized<T> vec_activation(at::vec::Vectorized<T> z, T slope) {
+at::vec::Vectorized<T> vec_activation(const at::vec::Vectorized<T>& z, T slope) {
   using Vec = at::vec::Vectorized<T>;
   const Vec zero(T(0));
   if constexpr (K == ActivationKind::identity) {
@@ -118,7 +120,7 @@ at::vec::Vectorized<T> vec_activation(at::vec::Vectorized<T> z, T slope) {
 // f'(z), with activation_derivative's values at the kinks and for NaN.
 template <ActivationKind K, typename T>
 at::vec::Vectorized<T> vec_activation_derivative(
-    at::vec::Vectorized<T> z,
+    const at::vec::Vectorized<T>& z,
     T slope) {
   using Vec = at::vec::Vectorized<T>;
   const Vec zero(T(0)), one(T(1));
