@@ -41,6 +41,8 @@ import gc
 import os
 import re
 import sys
+import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -62,19 +64,30 @@ def relative_error(actual, expected):
     return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def check_as_accurate_as_eager(outputs, expected, dtype, what):
-    """Every contender's output within 5x the eager model's error against the
-    float64 model (relative Frobenius norm), plus a floor for the dtype:
-    rounding differs between correct implementations, a wrong one is off by
-    O(1). Returns the errors (for the table)."""
-    floor = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}[dtype]
-    errors = {c: relative_error(out, expected) for c, out in outputs.items()}
-    bound = 5 * errors["eager"] + floor
-    for contender, err in errors.items():
-        if not err <= bound:  # (NaN fails too)
-            raise AssertionError(f"{what}, {contender}: relative error {err:.3g} against the float64 model, "
-                                 f"eager's is {errors['eager']:.3g} (bound {bound:.3g})")
-    return errors
+FLOOR = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# A ReLU network's weight gradient jumps where an activation's input lies
+# within rounding of 0: the float32 eager model's stem gradient was 8e-4
+# off float64 at one of four inputs (CPU, batch 2 at 64 px) and 1e-6 at
+# the others, and so was convbn's at another. A broken backward is off by
+# O(1).
+GRADIENT_FLOOR = 1e-2
+
+
+def check_as_accurate_as_eager(results, expected, dtype, what):
+    """Every contender's tensors (results: {contender: {name: tensor}})
+    within 5x the eager model's error against the float64 model's
+    (`expected`: {name: tensor}; relative Frobenius norm), plus a floor for
+    the dtype (GRADIENT_FLOOR for gradients): rounding differs between
+    correct implementations, a wrong one is off by O(1). Returns the output
+    errors (for the table)."""
+    errors = {c: {name: relative_error(t, expected[name]) for name, t in r.items()} for c, r in results.items()}
+    for contender, errs in errors.items():
+        for name, err in errs.items():
+            bound = 5 * errors["eager"][name] + (FLOOR[dtype] if name == "output" else GRADIENT_FLOOR)
+            if not err <= bound:  # (NaN fails too)
+                raise AssertionError(f"{what}, {contender}, {name}: relative error {err:.3g} against the float64 "
+                                     f"model, eager's is {errors['eager'][name]:.3g} (bound {bound:.3g})")
+    return {c: errs["output"] for c, errs in errors.items()}
 
 
 class Trainer:
@@ -96,22 +109,39 @@ class Trainer:
         F.cross_entropy(self.forward(x).float(), target).backward()
         self.optimizer.step()
 
+    def state_bytes(self):
+        """The contender's own tensors between steps: parameters, buffers and
+        optimizer state (not the gradients: the step makes them)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        unique = {t.data_ptr(): t for t in tensors if t.device.type == self.device.type}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
-def peak_bytes(device, fn):
-    """(peak above what was allocated before fn, peak in total) over fn()."""
+
+def peak_bytes(trainer, x, target):
+    """(peak above what was allocated before the step, the peak a process
+    holding only this contender would reach: its own state, the batch and
+    the peak above). The gradients are freed before reading the base, so
+    that the step's peak counts them."""
+    device = trainer.device
     if device.type != "cuda":
         return float("nan"), float("nan")
+    trainer.optimizer.zero_grad(set_to_none=True)
     sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    fn()
+    trainer.step(x, target)
     sync(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return peak - base, peak
+    above = torch.cuda.max_memory_allocated(device) - base
+    batch = x.numel() * x.element_size() + target.numel() * target.element_size()
+    return above, trainer.state_bytes() + batch + above
 
 
 TRAIN_CONTENDERS = ("eager", "convbn memory-efficient", "convbn save-output", "compile eager", "compile convbn")
 FROZEN_CONTENDERS = ("eager", "convbn", "compile eager", "compile + efficient_conv_bn_eval")
+# The weights whose gradients the float32 check compares: the stem, the
+# last convolution, the classifier (the same names in fused models).
+CHECKED_GRADS = ("conv1.weight", "layer4.2.conv3.weight", "fc.weight")
 
 
 def make_model(contender, reference, device, memory_format, training):
@@ -126,41 +156,71 @@ def make_model(contender, reference, device, memory_format, training):
     return torch.compile(model) if contender.startswith("compile") else model
 
 
-def measure_steps(reference, trainers, x, target, repeats, device, dtype, what):
-    """Checks each contender's output against the float64 model, then
-    measures peak memory and the median step time."""
-    # The check: one forward with autograd on (so that a compiled model
-    # compiles its training graph once), from the same state. In training
-    # mode this also updates every model's running statistics alike.
+def float32_results(model, x, grads):
+    """The output and, with grads, those weights' gradients of a fixed
+    weighting of the output, in float32 without TF32 and autocast."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        params = dict(model.named_parameters())
+        for name in grads:
+            params[name].grad = None
+        with torch.set_grad_enabled(bool(grads)):
+            out = model(x.to(next(model.parameters()).dtype))
+            if grads:
+                out.backward(torch.linspace(-1, 1, out.numel(), device=out.device, dtype=out.dtype).view_as(out))
+        results = {"output": out.detach()}
+        results.update({name: params[name].grad for name in grads})
+        for name in grads:
+            params[name].grad = None
+        return results
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def measure_steps(reference, trainers, x, target, repeats, check_batch, dtype, what):
+    """Checks the contenders against the float64 model, then measures peak
+    memory and the median step time of each.
+
+    The check, from the same state (in training mode every model's running
+    statistics move alike): first the uncompiled contenders in float32
+    without TF32, on the batch's first check_batch images: the output and
+    the gradients of CHECKED_GRADS. Through 50 batch norms, bfloat16
+    rounding leaves even the eager model's output far from float64 (10-30%
+    at small images), which would let much pass. Then every contender's
+    output in the timed mode, on the whole batch (so that a compiled model
+    compiles its training graph once: a float32 check of it would compile
+    again); the compiled ones are so checked against a looser bound."""
+    device = x.device
     training = trainers["eager"].model.training
     ref64 = copy.deepcopy(reference).to(device, torch.float64).train(training)
     with torch.no_grad():
-        expected = ref64(x.double())
-    del ref64
-    # Through 50 batch norms, bfloat16 rounding leaves the eager model's
-    # output itself far from float64 (10-30% at small images), which would
-    # let much pass: so the eager contenders are also checked in float32
-    # (no autocast, no TF32) against the float32 bound. The compiled ones
-    # are checked in the timed mode only (a second compile otherwise).
-    if x.dtype == torch.float32 and (dtype != torch.float32 or torch.backends.cudnn.allow_tf32):
-        tf32 = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            with torch.no_grad():
-                outputs = {c: t.forward(x, autocast=False) for c, t in trainers.items()
-                           if not c.startswith("compile")}
-            check_as_accurate_as_eager(outputs, expected, torch.float32, what + " (float32 check)")
-        finally:
-            torch.backends.cudnn.allow_tf32 = tf32
-    outputs = {c: t.forward(x).detach() for c, t in trainers.items()}
-    errors = check_as_accurate_as_eager(outputs, expected, dtype, what)
-    del outputs, expected
+        expected_timed = {"output": ref64(x.double())}
+    small = x[:check_batch]
+    expected = float32_results(ref64, small, CHECKED_GRADS)
+    results = {c: float32_results(t.model, small, CHECKED_GRADS) for c, t in trainers.items()
+               if not c.startswith("compile")}
+    check_as_accurate_as_eager(results, expected, torch.float32, what + " (float32 check)")
+    del results, expected, ref64
+    outputs = {c: {"output": t.forward(x).detach()} for c, t in trainers.items()}
+    errors = check_as_accurate_as_eager(outputs, expected_timed, dtype, what)
+    del outputs, expected_timed
     steps = {c: (lambda t=t: t.step(x, target)) for c, t in trainers.items()}
-    for fn in steps.values():  # gradients and optimizer state exist before measuring, as in training
+    for fn in steps.values():  # optimizer state exists before measuring, as in training
         fn(), fn()
-    memory = {c: peak_bytes(device, fn) for c, fn in steps.items()}
+    memory = {c: peak_bytes(t, x, target) for c, t in trainers.items()}
     times = interleaved_medians(steps, repeats, warmup=2, timer=Timer(device))
     return errors, memory, times
+
+
+def is_out_of_memory(error):
+    """An allocation that failed, as the caching allocator or a library
+    (cuDNN finding no engine within the memory left) reports it."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("out of memory", "unable to find an engine", "ALLOC_FAILED"))
 
 
 def largest_batch(make_trainer, size, device, budget_bytes, start, granularity):
@@ -179,7 +239,11 @@ def largest_batch(make_trainer, size, device, budget_bytes, start, granularity):
             trainer.step(x, target), trainer.step(x, target)
             sync(device)
             return True
-        except torch.OutOfMemoryError:
+        except Exception as error:  # noqa: BLE001 (only what is_out_of_memory says; the rest is raised)
+            if not is_out_of_memory(error):
+                raise
+            print(f"  batch {batch}: does not fit ({type(error).__name__}: {str(error).splitlines()[0][:120]})",
+                  flush=True)
             return False
         finally:
             x = target = None
@@ -210,7 +274,8 @@ def mib(b):
 
 
 def network_table(errors, memory, times, batch, base="eager"):
-    lines = ["| contender | step time | images/s | peak above base | peak in total | output error vs float64 |",
+    lines = ["| contender | step time | images/s | peak above base | peak, own state included | "
+             "output error vs float64 (timed dtype) |",
              "|---|---|---|---|---|---|"]
     for c in times:
         t, (above, total) = times[c], memory[c]
@@ -221,20 +286,46 @@ def network_table(errors, memory, times, batch, base="eager"):
     return lines
 
 
+def measure_groups(contenders, make_trainer, x, target, reference, args, dtype, what, title, emit):
+    """The uncompiled contenders first, then eager with the compiled ones
+    (each group's table written when done, so a compile that fails or runs
+    out of time leaves the first): ratios against eager of the same group."""
+    groups = [[c for c in contenders if not c.startswith("compile")]]
+    if any(c.startswith("compile") for c in contenders):
+        groups.append(["eager"] + [c for c in contenders if c.startswith("compile")])
+    trainers = {}
+    for group in groups:
+        for c in group:
+            if c not in trainers:
+                trainers[c] = make_trainer(c)
+        t0 = time.perf_counter()
+        errors, memory, times = measure_steps(reference, {c: trainers[c] for c in group}, x, target, args.repeats,
+                                              args.check_batch, dtype, what)
+        checked = ("checked in float32 (output, weight gradients) and in the timed dtype"
+                   if len(groups) == 1 or group is groups[0] else
+                   "the compiled contenders checked in the timed dtype only (output; a float32 check would "
+                   "compile again), against 5x eager's error")
+        emit(["", title + (" (torch.compile)" if group is not groups[0] else ""), ""]
+             + network_table(errors, memory, times, x.shape[0])
+             + ["", f"Checked before timing: {checked}. Measured in {time.perf_counter() - t0:.0f} s."])
+    return trainers
+
+
 def bench_train(args, device, emit):
     amp = None if args.dtype == "float32" else getattr(torch, args.dtype)
     contenders = [c for c in TRAIN_CONTENDERS if not (args.no_compile and c.startswith("compile"))]
     torch.manual_seed(0)
     reference = convbn.models.resnet50()
-    trainers = {c: Trainer(make_model(c, reference, device, torch.channels_last, True), amp, device)
-                for c in contenders}
+
+    def make_trainer(contender):
+        return Trainer(make_model(contender, reference, device, torch.channels_last, True), amp, device)
+
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (args.batch,), device=device)
-    errors, memory, times = measure_steps(reference, trainers, x, target, args.repeats, device,
-                                          amp or torch.float32, "ResNet-50 training")
-    emit(["", f"### ResNet-50 training step: batch {args.batch} at {args.size} px, "
-              f"{args.dtype + ' autocast' if amp else 'float32'}, channels_last, SGD step included", ""]
-         + network_table(errors, memory, times, args.batch))
+    title = (f"### ResNet-50 training step: batch {args.batch} at {args.size} px, "
+             f"{args.dtype + ' autocast' if amp else 'float32'}, channels_last, SGD step included")
+    trainers = measure_groups(contenders, make_trainer, x, target, reference, args, amp or torch.float32,
+                              "ResNet-50 training", title, emit)
     del trainers, x, target
     gc.collect()
 
@@ -243,43 +334,44 @@ def bench_train(args, device, emit):
     searched = [c for c in contenders if args.budget_compile or not c.startswith("compile")]
     results = {}
     for contender in searched:
-        def make_trainer(contender=contender):
-            return Trainer(make_model(contender, reference, device, torch.channels_last, True), amp, device)
-        results[contender] = largest_batch(make_trainer, args.size, device, args.budget_gb * 1e9,
-                                           args.batch, args.granularity)
+        results[contender] = largest_batch(lambda c=contender: make_trainer(c), args.size, device,
+                                           args.budget_gb * 1e9, args.batch, args.granularity)
         print(f"largest batch, {contender}: {results[contender]}", flush=True)
+    left_out = [c for c in contenders if c not in searched]
     emit(["", f"Largest training batch within {args.budget_gb:g} GB of the caching allocator "
-              f"(multiples of {args.granularity}):", ""]
+              f"(multiples of {args.granularity})"
+              + (f"; not searched: {', '.join(left_out)} (a compile per batch tried; --budget-compile)"
+                 if left_out else "") + ":", ""]
          + [f"- {c}: {b} ({b / results['eager']:.2f}x eager)" for c, b in results.items()])
 
 
 def bench_frozen(args, device, emit):
+    from torch._dynamo.utils import counters
+
     dtype = getattr(torch, args.frozen_dtype)
     contenders = [c for c in FROZEN_CONTENDERS if not (args.no_compile and c.startswith("compile"))]
     fmt = torch.channels_last if args.frozen_channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    reference = convbn.models.resnet50().to(dtype)
+    reference = convbn.models.resnet50().to(dtype).eval()
     for m in reference.modules():  # trained statistics, not the fresh 0 and 1
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
                 m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
-    trainers = {c: Trainer(make_model(c, reference, device, fmt, False), None, device) for c in contenders}
+
+    def make_trainer(contender):
+        return Trainer(make_model(contender, reference, device, fmt, False), None, device)
+
     x = torch.randn(args.frozen_batch, 3, args.size, args.size, device=device, dtype=dtype).contiguous(
         memory_format=fmt)
     target = torch.randint(0, 1000, (args.frozen_batch,), device=device)
-    from torch._dynamo.utils import counters
-
     counters["inductor"]["efficient_conv_bn_eval"] = 0
-    errors, memory, times = measure_steps(reference.eval(), trainers, x, target, args.repeats, device, dtype,
-                                          "frozen-BN fine-tuning")
-    rewritten = counters["inductor"]["efficient_conv_bn_eval"]
-    emit(["", f"### Frozen-BN fine-tuning (eval mode, parameters trained): ResNet-50, batch {args.frozen_batch} "
-              f"at {args.size} px, {args.frozen_dtype}, {'channels_last' if args.frozen_channels_last else 'NCHW'}, "
-              "SGD step included", ""]
-         + network_table(errors, memory, times, args.frozen_batch)
-         + ([] if args.no_compile else
-            ["", f"Inductor's efficient_conv_bn_eval pass rewrote {rewritten} conv+BN calls "
-                 "(counters['inductor']; ResNet-50 has 53 pairs)."]))
+    title = (f"### Frozen-BN fine-tuning (eval mode, parameters trained): ResNet-50, batch {args.frozen_batch} "
+             f"at {args.size} px, {args.frozen_dtype}, {'channels_last' if args.frozen_channels_last else 'NCHW'}, "
+             "SGD step included")
+    measure_groups(contenders, make_trainer, x, target, reference, args, dtype, "frozen-BN fine-tuning", title, emit)
+    if not args.no_compile:
+        emit(["", f"Inductor's efficient_conv_bn_eval pass rewrote {counters['inductor']['efficient_conv_bn_eval']} "
+                  "conv+BN calls (counters['inductor']; ResNet-50 has 53 pairs)."])
 
 
 # ---- The batch-norm passes alone --------------------------------------------
@@ -336,24 +428,47 @@ def copy_bandwidth(numel, dtype, device, repeats):
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-def bench_bandwidth(args, device, emit):
+def device_microseconds(fn, repeats, device):
+    """{CUDA kernel name: (total microseconds, launches)} over repeats calls
+    of fn, as the profiler times the kernels (launch gaps excluded)."""
     from torch.profiler import ProfilerActivity, profile
 
-    shapes = [s for s in RESNET50_SHAPES if s[0] in args.bandwidth_shapes.split(";")]
-    lines = ["", f"### Batch-norm passes alone: bytes moved / time against a device-to-device copy "
-                 f"(batch {args.batch}, {args.dtype})", "",
-             "| shape | layout | mode | copy | " + " | ".join(
-                 p for p in ("statistics", "normalize", "backward sums", "backward input gradient")) + " |",
-             "|---|---|---|---|---|---|---|---|"]
+    for _ in range(3):
+        fn()
+    sync(device)
+    # (On the CPU no kernel is a CUDA one: the result is empty.)
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(repeats):
+            fn()
+        sync(device)
+    return {e.key: (e.device_time_total, e.count) for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+def bench_bandwidth(args, device, emit):
+    names = args.bandwidth_shapes.split(";")
+    known = {s[0]: s for s in RESNET50_SHAPES}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--bandwidth-shapes: unknown {unknown}; the names are bench_gpu.RESNET50_SHAPES': "
+                         + "; ".join(known))
+    passes = ("statistics", "normalize", "backward sums", "backward input gradient")
+    batch, dtype = args.bandwidth_batch, getattr(torch, args.dtype)
+    lines = ["", f"### Batch-norm passes alone: bytes moved / kernel time, against a device-to-device copy of "
+                 f"the conv output's size (batch {batch}, {args.dtype}; kernel times from the profiler, "
+                 "launch gaps excluded, for the passes and the copy alike)", "",
+             "| shape | conv output | layout | mode | copy | " + " | ".join(passes) + " |",
+             "|---|---|---|---|---|" + "---|" * len(passes)]
     fractions = []
-    dtype = getattr(torch, args.dtype)
-    for name, cin, cout, k, s, hw in shapes:
+    for name in names:
+        _, cin, cout, k, s, hw = known[name]
         for layout in ("channels_last", "nchw"):
             fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
             torch.manual_seed(0)
             conv = nn.Conv2d(cin, cout, k, s, k // 2, bias=False)
             bn = nn.BatchNorm2d(cout)
-            x = torch.randn(args.batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            x = torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
             x.requires_grad_()
             for memory_efficient in (True, False):
                 layer = convbn.ConvBN2d.from_modules(conv, bn, memory_efficient).to(device, dtype).to(
@@ -361,36 +476,31 @@ def bench_bandwidth(args, device, emit):
                 out = layer(x)
                 grad = torch.randn_like(out)
                 y_bytes = out.numel() * out.element_size()
-                copy_bw = copy_bandwidth(out.numel(), dtype, device, args.repeats)
+                src, dst = torch.randn_like(out), torch.empty_like(out)
+                copy_times = device_microseconds(lambda: dst.copy_(src), args.repeats, device)
+                copy_micros = sum(t for t, _ in copy_times.values()) / args.repeats
+                copy_bw = 2 * y_bytes / (copy_micros * 1e-6) if copy_micros > 0 else float("nan")
+                del src, dst
 
                 def step():
                     x.grad = None
                     layer(x).backward(grad)
-                for _ in range(3):
-                    step()
-                sync(device)
-                # (On the CPU no kernel is a CUDA one: the cells stay "-".)
-                activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-                with profile(activities=[activity]) as prof:
-                    for _ in range(args.repeats):
-                        step()
-                    sync(device)
-                kernel_times = {e.key: (e.device_time_total, e.count) for e in prof.key_averages()
-                                if e.device_type == torch.autograd.DeviceType.CUDA}
-                totals, unknown = pass_totals(kernel_times, y_bytes)
+                totals, unknown = pass_totals(device_microseconds(step, args.repeats, device), y_bytes)
                 if unknown:
                     print("convbn kernels of no known pass (KERNEL_PASSES):", *unknown, sep="\n  ", flush=True)
                 cells = []
-                for what in ("statistics", "normalize", "backward sums", "backward input gradient"):
-                    if what not in totals:
+                for what in passes:
+                    moved, micros = totals.get(what, (0, 0.0))
+                    if micros <= 0:
                         cells.append("-")
                         continue
-                    moved, micros = totals[what]
                     bw = moved / (micros * 1e-6)
                     fractions.append(bw / copy_bw)
                     cells.append(f"{bw / 1e12:.2f} TB/s ({bw / copy_bw:.0%})")
                 mode = "memory-efficient" if memory_efficient else "save-output"
-                lines.append(f"| {name} | {layout} | {mode} | {copy_bw / 1e12:.2f} TB/s | " + " | ".join(cells) + " |")
+                lines.append(f"| {name} | {mib(y_bytes)} | {layout} | {mode} | "
+                             + (f"{copy_bw / 1e12:.2f} TB/s" if copy_micros > 0 else "-") + " | "
+                             + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
                 del layer, out, grad
     if fractions:
@@ -403,10 +513,13 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sections", default="bandwidth,train,frozen",
                         help="run in this order (the quickest first, for a run cut short by a time limit)")
-    parser.add_argument("--batch", type=int, default=128, help="training batch (and the bandwidth section's)")
+    parser.add_argument("--batch", type=int, default=128, help="training batch")
     parser.add_argument("--size", type=int, default=224, help="image size")
-    parser.add_argument("--dtype", default="bfloat16", help="training: the autocast dtype, or float32 for none")
+    parser.add_argument("--dtype", default="bfloat16",
+                        help="training: the autocast dtype, or float32 for none; bandwidth: the dtype")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--check-batch", type=int, default=16,
+                        help="images of the batch that the float32 check (output and gradients) runs on")
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile contenders out")
     parser.add_argument("--budget-gb", type=float, default=40.0, help="0: no largest-batch search")
     parser.add_argument("--budget-compile", action="store_true",
@@ -415,6 +528,8 @@ def main():
     parser.add_argument("--frozen-batch", type=int, default=64)
     parser.add_argument("--frozen-dtype", default="float32")
     parser.add_argument("--frozen-channels-last", action="store_true")
+    parser.add_argument("--bandwidth-batch", type=int, default=256,
+                        help="large enough that each conv output is several times the L2 cache")
     parser.add_argument("--bandwidth-shapes", default="l1 1x1 64-256;l1 3x3 64-64;l2 1x1 128-512;l3 1x1 256-1024",
                         help="';'-separated names from bench_gpu.RESNET50_SHAPES")
     parser.add_argument("--markdown", help="append the tables here")
@@ -422,21 +537,30 @@ def main():
 
     device = torch.device(args.device)
     sections = args.sections.split(",")
+    runs = {"train": bench_train, "frozen": bench_frozen, "bandwidth": bench_bandwidth}
     for s in sections:
-        if s not in ("train", "frozen", "bandwidth"):
+        if s not in runs:
             parser.error(f"--sections: unknown section {s!r} (train, frozen, bandwidth)")
     where = device_description(device)
     emit = emitter(args.markdown)
     emit(["", f"## Whole networks ({where}; torch {torch.__version__}; date {datetime.date.today().isoformat()}; "
               f"medians of {args.repeats} repeats; TF32 for float32 convolutions: "
               f"{torch.backends.cudnn.allow_tf32})"])
+    failed = []
     for section in sections:  # in the order given: each table is written when done
-        if section == "train":
-            bench_train(args, device, emit)
-        elif section == "frozen":
-            bench_frozen(args, device, emit)
-        else:
-            bench_bandwidth(args, device, emit)
+        t0 = time.perf_counter()
+        try:
+            runs[section](args, device, emit)
+        except Exception as error:  # noqa: BLE001 (reported; the other sections still run)
+            failed.append(section)
+            traceback.print_exc()
+            emit(["", f"**{section}: FAILED** ({type(error).__name__}: {str(error).splitlines()[0][:300]})"])
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"section {section}: {time.perf_counter() - t0:.0f} s", flush=True)
+    if failed:
+        sys.exit(f"bench_gpu_networks: failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _tf32_off():
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def pytest_configure(config):
+    _tf32_off()  # before any fixture of any scope (see below)
+
+
 @pytest.fixture(autouse=True)
 def _float32_convolutions_in_float32():
     """cuDNN runs float32 convolutions in TF32 by default
@@ -84,10 +92,9 @@ def _float32_convolutions_in_float32():
     mantissa, about 1e-3 relative, as far from the float64 references as
     TOLERANCE[float32] is ten times over, for nn's pair as for convbn. The
     tests check float32 arithmetic, so they turn TF32 off (convolutions and
-    matmuls), and restore the flags after each test; tests/test_cuda.py
+    matmuls) for the session and again after each test; tests/test_cuda.py
     checks convbn under TF32 against nn's pair under TF32, like with like.
     Without a GPU the flags change nothing."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    _tf32_off()
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    _tf32_off()  # (a test that turned it on, as test_cuda's TF32 test does)

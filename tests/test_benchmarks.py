@@ -33,6 +33,7 @@ def run_script(*args):
 
 
 def test_layer_benchmark_runs_and_plots_from_its_log(tmp_path):
+    pytest.importorskip("matplotlib")
     markdown, log, png = tmp_path / "results.md", tmp_path / "bench.log", tmp_path / "layers.png"
     out = run_script("bench_gpu.py", "--device", "cpu", "--batch", "2", "--shapes", "3", "--repeats", "1",
                      "--dtypes", "float32,bfloat16", "--layouts", "channels_last", "--markdown", str(markdown))
@@ -46,14 +47,14 @@ def test_layer_benchmark_runs_and_plots_from_its_log(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("broken", ["output", "input gradient"])
+@pytest.mark.parametrize("broken", ["output", "input gradient", "one channel"])
 def test_layer_check_refuses_a_wrong_contender(broken):
     torch.manual_seed(0)
-    conv, bn = nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+    conv, bn = nn.Conv2d(8, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64)
     contenders = bench_gpu.make_contenders(conv, bn, use_compile=False)
     x = torch.randn(4, 8, 12, 12, requires_grad=True)
-    grad = torch.randn(4, 16, 12, 12)
-    bench_gpu.check_contenders(contenders, conv, bn, x, grad, "as built")  # all right
+    grad = torch.randn(4, 64, 12, 12)
+    assert bench_gpu.check_contenders(contenders, contenders["eager pair"], x, grad, "as built") == {}
 
     class WrongGradient(torch.autograd.Function):
         @staticmethod
@@ -65,25 +66,31 @@ def test_layer_check_refuses_a_wrong_contender(broken):
             return g * 1.01
 
     fused = contenders["convbn save-output"]
-    if broken == "output":
-        with torch.no_grad():
-            fused.bn_weight[3] *= 1.01  # 1% off in one channel
-        wrong = fused
-    else:
+    if broken == "input gradient":
         wrong = nn.Sequential(fused)
         wrong.register_forward_pre_hook(lambda m, args: (WrongGradient.apply(args[0]),))
+    else:
+        with torch.no_grad():
+            if broken == "output":
+                fused.bn_weight.mul_(1.01)  # 1% off
+            else:
+                fused.bn_bias[3] += 0.05  # one channel of 64: 0.1% of the whole output's norm
+        wrong = fused
     contenders["convbn save-output"] = wrong
-    with pytest.raises(AssertionError, match=f"convbn save-output, {broken}"):
-        bench_gpu.check_contenders(contenders, conv, bn, x, grad, "broken")
+    failures = bench_gpu.check_contenders(contenders, contenders["eager pair"], x, grad, "broken")
+    assert list(failures) == ["convbn save-output"]
+    assert f"broken, convbn save-output, {'input gradient' if broken == 'input gradient' else 'output'}" in \
+        failures["convbn save-output"]
 
 
 def test_network_benchmark_runs_and_checks_its_contenders(tmp_path):
     markdown = tmp_path / "results.md"
-    run_script("bench_gpu_networks.py", "--device", "cpu", "--batch", "4", "--size", "64", "--repeats", "1",
-               "--frozen-batch", "2", "--no-compile", "--bandwidth-shapes", "l4 3x3 512-512",
-               "--markdown", str(markdown))
+    run_script("bench_gpu_networks.py", "--device", "cpu", "--batch", "4", "--size", "96", "--check-batch", "4",
+               "--repeats", "1", "--frozen-batch", "2", "--no-compile", "--bandwidth-shapes", "l4 3x3 512-512",
+               "--bandwidth-batch", "2", "--markdown", str(markdown))
     text = markdown.read_text()
-    assert "### ResNet-50 training step: batch 4 at 64 px, bfloat16 autocast" in text
+    assert "### ResNet-50 training step: batch 4 at 96 px, bfloat16 autocast" in text
+    assert "FAILED" not in text
     assert "### Frozen-BN fine-tuning" in text and "### Batch-norm passes alone" in text
     assert text.count("| l4 3x3 512-512 |") == 4  # 2 layouts x 2 modes (no CUDA kernel here: no figures)
     for contender in ("eager", "convbn memory-efficient", "convbn save-output", "convbn"):
@@ -105,8 +112,30 @@ def test_network_check_refuses_a_wrong_contender():
     last = [m for m in trainers["convbn memory-efficient"].model.modules() if isinstance(m, convbn.ConvBN2d)][-1]
     with torch.no_grad():
         last.bn_weight.mul_(1.01)
-    with pytest.raises(AssertionError, match=r"float32 check\), convbn memory-efficient"):
-        bench_gpu_networks.measure_steps(reference, trainers, x, target, 1, device, torch.bfloat16, "broken")
+    with pytest.raises(AssertionError, match=r"float32 check\), convbn memory-efficient, output"):
+        bench_gpu_networks.measure_steps(reference, trainers, x, target, 1, 4, torch.bfloat16, "broken")
+
+
+def test_compiled_fused_network_trains_under_autocast():
+    """The "compile convbn" contender's path (torch.compile of a fused
+    model, bfloat16 autocast, channels_last, SGD steps) on a small network:
+    its output after two steps matches the uncompiled fused model's."""
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (4,))
+    trainers = {c: bench_gpu_networks.Trainer(
+        bench_gpu_networks.make_model(c, reference, device, torch.channels_last, True), torch.bfloat16, device)
+        for c in ("convbn memory-efficient", "compile convbn")}
+    assert isinstance(trainers["compile convbn"].model._orig_mod[0], convbn.ConvBN2d)
+    for trainer in trainers.values():
+        trainer.step(x, target), trainer.step(x, target)
+    with torch.no_grad():
+        ours, theirs = (trainers[c].forward(x).float() for c in ("compile convbn", "convbn memory-efficient"))
+    torch.testing.assert_close(ours, theirs, rtol=3e-2, atol=3e-2 * theirs.abs().max().item())
 
 
 # Kernel names as the CUDA profiler (CUPTI) demangles them.
