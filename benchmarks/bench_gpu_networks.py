@@ -286,29 +286,31 @@ def network_table(errors, memory, times, batch, base="eager"):
     return lines
 
 
-def measure_groups(contenders, make_trainer, x, target, reference, args, dtype, what, title, emit):
-    """The uncompiled contenders first, then eager with the compiled ones
-    (each group's table written when done, so a compile that fails or runs
-    out of time leaves the first): ratios against eager of the same group."""
-    groups = [[c for c in contenders if not c.startswith("compile")]]
-    if any(c.startswith("compile") for c in contenders):
-        groups.append(["eager"] + [c for c in contenders if c.startswith("compile")])
-    trainers = {}
-    for group in groups:
-        for c in group:
-            if c not in trainers:
-                trainers[c] = make_trainer(c)
-        t0 = time.perf_counter()
-        errors, memory, times = measure_steps(reference, {c: trainers[c] for c in group}, x, target, args.repeats,
-                                              args.check_batch, dtype, what)
-        checked = ("checked in float32 (output, weight gradients) and in the timed dtype"
-                   if len(groups) == 1 or group is groups[0] else
-                   "the compiled contenders checked in the timed dtype only (output; a float32 check would "
-                   "compile again), against 5x eager's error")
-        emit(["", title + (" (torch.compile)" if group is not groups[0] else ""), ""]
-             + network_table(errors, memory, times, x.shape[0])
-             + ["", f"Checked before timing: {checked}. Measured in {time.perf_counter() - t0:.0f} s."])
-    return trainers
+def measure_group(group, make_trainer, x, target, reference, args, dtype, what, title, emit):
+    """The contenders of group (eager first), each built afresh from the
+    reference, checked, measured, and their table written."""
+    trainers = {c: make_trainer(c) for c in group}
+    t0 = time.perf_counter()
+    errors, memory, times = measure_steps(reference, trainers, x, target, args.repeats, args.check_batch, dtype,
+                                          what)
+    compiled = any(c.startswith("compile") for c in group)
+    checked = ("the compiled contenders in the timed dtype only (output; a float32 check would compile again), "
+               "against 5x eager's error; eager also in float32 (output, weight gradients)" if compiled else
+               "in float32 (output, weight gradients) and in the timed dtype (output)")
+    emit(["", title + (" (torch.compile)" if compiled else ""), ""]
+         + network_table(errors, memory, times, x.shape[0])
+         + ["", f"Checked against the float64 model before timing: {checked}. "
+                f"Measured in {time.perf_counter() - t0:.0f} s."])
+    del trainers
+    gc.collect()
+    if x.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def split_compiled(contenders):
+    """(the uncompiled contenders, eager and the compiled ones or [])."""
+    compiled = [c for c in contenders if c.startswith("compile")]
+    return [c for c in contenders if c not in compiled], (["eager"] + compiled if compiled else [])
 
 
 def bench_train(args, device, emit):
@@ -324,25 +326,29 @@ def bench_train(args, device, emit):
     target = torch.randint(0, 1000, (args.batch,), device=device)
     title = (f"### ResNet-50 training step: batch {args.batch} at {args.size} px, "
              f"{args.dtype + ' autocast' if amp else 'float32'}, channels_last, SGD step included")
-    trainers = measure_groups(contenders, make_trainer, x, target, reference, args, amp or torch.float32,
-                              "ResNet-50 training", title, emit)
-    del trainers, x, target
-    gc.collect()
+    eager_group, compiled_group = split_compiled(contenders)
+    measure_group(eager_group, make_trainer, x, target, reference, args, amp or torch.float32,
+                  "ResNet-50 training", title, emit)
 
-    if device.type != "cuda" or args.budget_gb <= 0:
-        return
-    searched = [c for c in contenders if args.budget_compile or not c.startswith("compile")]
-    results = {}
-    for contender in searched:
-        results[contender] = largest_batch(lambda c=contender: make_trainer(c), args.size, device,
-                                           args.budget_gb * 1e9, args.batch, args.granularity)
-        print(f"largest batch, {contender}: {results[contender]}", flush=True)
-    left_out = [c for c in contenders if c not in searched]
-    emit(["", f"Largest training batch within {args.budget_gb:g} GB of the caching allocator "
-              f"(multiples of {args.granularity})"
-              + (f"; not searched: {', '.join(left_out)} (a compile per batch tried; --budget-compile)"
-                 if left_out else "") + ":", ""]
-         + [f"- {c}: {b} ({b / results['eager']:.2f}x eager)" for c, b in results.items()])
+    # The largest batch before the compiled group, whose compiles take the
+    # longest: a run cut short by its time limit keeps this.
+    if device.type == "cuda" and args.budget_gb > 0:
+        searched = [c for c in contenders if args.budget_compile or not c.startswith("compile")]
+        results = {}
+        for contender in searched:
+            results[contender] = largest_batch(lambda c=contender: make_trainer(c), args.size, device,
+                                               args.budget_gb * 1e9, args.batch, args.granularity)
+            print(f"largest batch, {contender}: {results[contender]}", flush=True)
+        left_out = [c for c in contenders if c not in searched]
+        emit(["", f"Largest training batch within {args.budget_gb:g} GB of the caching allocator "
+                  f"(multiples of {args.granularity})"
+                  + (f"; not searched: {', '.join(left_out)} (a compile per batch tried; --budget-compile)"
+                     if left_out else "") + ":", ""]
+             + [f"- {c}: {b} ({b / results['eager']:.2f}x eager)" for c, b in results.items()])
+
+    if compiled_group:
+        measure_group(compiled_group, make_trainer, x, target, reference, args, amp or torch.float32,
+                      "ResNet-50 training", title, emit)
 
 
 def bench_frozen(args, device, emit):
@@ -368,7 +374,10 @@ def bench_frozen(args, device, emit):
     title = (f"### Frozen-BN fine-tuning (eval mode, parameters trained): ResNet-50, batch {args.frozen_batch} "
              f"at {args.size} px, {args.frozen_dtype}, {'channels_last' if args.frozen_channels_last else 'NCHW'}, "
              "SGD step included")
-    measure_groups(contenders, make_trainer, x, target, reference, args, dtype, "frozen-BN fine-tuning", title, emit)
+    for group in split_compiled(contenders):
+        if group:
+            measure_group(group, make_trainer, x, target, reference, args, dtype, "frozen-BN fine-tuning", title,
+                          emit)
     if not args.no_compile:
         emit(["", f"Inductor's efficient_conv_bn_eval pass rewrote {counters['inductor']['efficient_conv_bn_eval']} "
                   "conv+BN calls (counters['inductor']; ResNet-50 has 53 pairs)."])
@@ -488,6 +497,9 @@ def bench_bandwidth(args, device, emit):
                 totals, unknown = pass_totals(device_microseconds(step, args.repeats, device), y_bytes)
                 if unknown:
                     print("convbn kernels of no known pass (KERNEL_PASSES):", *unknown, sep="\n  ", flush=True)
+                if device.type == "cuda" and (copy_micros <= 0 or not totals):
+                    raise RuntimeError(f"the profiler timed no {'copy' if copy_micros <= 0 else 'convbn'} kernel "
+                                       f"({name}, {layout}): no CUDA activity recorded (CUPTI)?")
                 cells = []
                 for what in passes:
                     moved, micros = totals.get(what, (0, 0.0))
@@ -528,8 +540,9 @@ def main():
     parser.add_argument("--frozen-batch", type=int, default=64)
     parser.add_argument("--frozen-dtype", default="float32")
     parser.add_argument("--frozen-channels-last", action="store_true")
-    parser.add_argument("--bandwidth-batch", type=int, default=256,
-                        help="large enough that each conv output is several times the L2 cache")
+    parser.add_argument("--bandwidth-batch", type=int, default=512,
+                        help="large enough that each conv output is several times the L2 cache (50 MB on an H200): "
+                             "205 MB and more for the default shapes")
     parser.add_argument("--bandwidth-shapes", default="l1 1x1 64-256;l1 3x3 64-64;l2 1x1 128-512;l3 1x1 256-1024",
                         help="';'-separated names from bench_gpu.RESNET50_SHAPES")
     parser.add_argument("--markdown", help="append the tables here")
