@@ -29,14 +29,13 @@ and --markdown.
 import argparse
 import copy
 import datetime
-import math
 import platform
 
 import torch
 from torch import nn
 
 import convbn
-from bench_cpu import interleaved_medians
+from bench_cpu import geomean, interleaved_medians
 
 # (name, conv type, conv arguments, input shape)
 LAYERS = [
@@ -97,8 +96,13 @@ def check_same(models, x, name, input_grad=True):
                 msg=lambda m: f"{name}, {contender}, {what}: {m}")
 
 
-def geomean(values):
-    return math.exp(sum(math.log(v) for v in values) / len(values))
+def measure(models, x, repeats, name):
+    """(name, bytes kept, median step times) of the models on x, printed."""
+    kept = {c: kept_bytes(m, x) for c, m in models.items()}
+    times = interleaved_medians({c: step(m, x) for c, m in models.items()}, repeats)
+    print(f"{name}: " + ", ".join(
+        f"{c} {kept[c] / kept['nn']:.2f}x bytes {times[c] / times['nn']:.2f}x time" for c in models), flush=True)
+    return name, kept, times
 
 
 def bench_layers(repeats):
@@ -123,12 +127,7 @@ def bench_layers(repeats):
             check_same(models, x, name)  # eval: no running-statistics update
             for model in models.values():
                 model.train()
-            kept = {c: kept_bytes(m, x) for c, m in models.items()}
-            times = interleaved_medians({c: step(m, x) for c, m in models.items()}, repeats)
-            rows.append((name, kept, times))
-            print(f"{name}: " + ", ".join(
-                f"{c} {kept[c] / kept['nn']:.2f}x bytes {times[c] / times['nn']:.2f}x time" for c in models),
-                flush=True)
+            rows.append(measure(models, x, repeats, name))
     return rows
 
 
@@ -196,13 +195,8 @@ def bench_networks(repeats, batch, size):
                 model.train(mode == "train")
             if mode == "frozen BN":  # (and training, on copies)
                 check_same(models, x, net_name, input_grad=False)
-            kept = {c: kept_bytes(m, x) for c, m in models.items()}
-            times = interleaved_medians({c: step(m, x) for c, m in models.items()}, repeats)
             name = f"{net_name}, {mode} ({pairs} fused pairs, {activations} with their activation)"
-            rows.append((name, kept, times))
-            print(f"{name}: " + ", ".join(
-                f"{c} {kept[c] / kept['nn']:.2f}x bytes {times[c] / times['nn']:.2f}x time" for c in models),
-                flush=True)
+            rows.append(measure(models, x, repeats, name))
     return rows
 
 

@@ -52,7 +52,7 @@ import convbn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cpu import geomean, interleaved_medians  # noqa: E402
-from bench_gpu import RESNET50_SHAPES, Timer, device_description, emitter  # noqa: E402
+from bench_gpu import RESNET50_SHAPES, Timer, device_description, emitter, step_peak_bytes  # noqa: E402
 
 
 def sync(device):
@@ -123,16 +123,8 @@ def peak_bytes(trainer, x, target):
     holding only this contender would reach: its own state, the batch and
     the peak above). The gradients are freed before reading the base, so
     that the step's peak counts them."""
-    device = trainer.device
-    if device.type != "cuda":
-        return float("nan"), float("nan")
-    trainer.optimizer.zero_grad(set_to_none=True)
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    trainer.step(x, target)
-    sync(device)
-    above = torch.cuda.max_memory_allocated(device) - base
+    above = step_peak_bytes(trainer.device, lambda: trainer.step(x, target),
+                            clear=lambda: trainer.optimizer.zero_grad(set_to_none=True))
     batch = x.numel() * x.element_size() + target.numel() * target.element_size()
     return above, trainer.state_bytes() + batch + above
 

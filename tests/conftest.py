@@ -62,6 +62,75 @@ def randomize_batch_norms(model, bias_std=0.2, mean_std=0.5):
     return model
 
 
+def nn_activation(name, slope=0.01):
+    """The nn module for an operator activation name, built here (not by
+    convbn), for references."""
+    from torch import nn
+
+    return {
+        "identity": lambda: nn.Identity(), "relu": lambda: nn.ReLU(), "relu6": lambda: nn.ReLU6(),
+        "leaky_relu": lambda: nn.LeakyReLU(slope), "silu": lambda: nn.SiLU(), "hardswish": lambda: nn.Hardswish(),
+        "sigmoid": lambda: nn.Sigmoid(), "gelu": lambda: nn.GELU(),
+    }[name]()
+
+
+def saved_tensors(fn):
+    """(fn()'s output, [the tensors autograd saved for backward]), each
+    non-empty storage once."""
+    saved = {}
+
+    def pack(t):
+        if t.numel():
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, list(saved.values())
+
+
+def nbytes(tensors):
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+def assert_same_as_unfused(fused, original, inputs, steps=2, seed=0):
+    """A fused model against its unfused original: both trained `steps` SGD
+    steps from the same state (the same RNG for dropout and stochastic
+    depth): outputs, input and parameter grads (by state_dict name; one is
+    None where the other is), every state_dict entry (running statistics
+    included); then eval outputs with grad and under no_grad."""
+    from torch import nn
+
+    assert list(fused.state_dict()) == list(original.state_dict())
+    opt_a = torch.optim.SGD(original.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(fused.parameters(), lr=0.1)
+    original.train(), fused.train()
+    for step in range(steps):
+        xa, xb = inputs.clone().requires_grad_(), inputs.clone().requires_grad_()
+        torch.manual_seed(seed + step)
+        out_a = original(xa)
+        torch.manual_seed(seed + step)
+        out_b = fused(xb)
+        torch.testing.assert_close(out_b, out_a, msg=lambda m: f"train output, step {step}: {m}")
+        g = torch.randn_like(out_a)
+        out_a.backward(g), out_b.backward(g)
+        torch.testing.assert_close(xb.grad, xa.grad)
+        params_b = fused.state_dict(keep_vars=True)
+        for name, p in original.state_dict(keep_vars=True).items():
+            if isinstance(p, nn.Parameter):
+                assert (params_b[name].grad is None) == (p.grad is None), name
+                if p.grad is not None:
+                    torch.testing.assert_close(params_b[name].grad, p.grad, msg=lambda m: f"grad {name}: {m}")
+        opt_a.step(), opt_b.step()
+        opt_a.zero_grad(), opt_b.zero_grad()
+    for name, value in original.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[name], value, msg=lambda m: f"{name}: {m}")
+    original.eval(), fused.eval()
+    torch.testing.assert_close(fused(inputs), original(inputs))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(inputs), original(inputs))
+
+
 CUDA_REASON = "no CUDA device here: CUDA tests run on a GPU machine (bash scripts/gpu_check.sh)"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
 

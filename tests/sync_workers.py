@@ -136,6 +136,15 @@ def sync_module_type(config):
     return convbn.SyncLinearBN1d if is_linear(config) else convbn.SyncConvBN2d
 
 
+def make_activation(config):
+    """The nn activation after the pair (config["activation"], built by the
+    tests, not by convbn), or None."""
+    from conftest import nn_activation
+
+    name = config.get("activation")
+    return None if name is None else nn_activation(name, config.get("negative_slope", 0.01))
+
+
 def batch(config, step, sizes):
     """Step `step`'s whole batch (all ranks' samples, concatenated)."""
     generator = torch.Generator().manual_seed(1000 + step)
@@ -177,13 +186,15 @@ def _state(module):
 
 
 def sync_layer_steps(rank, world_size, config):
-    """The synchronized module made from make_pair(config), trained for config["steps"]
+    """The synchronized module made from make_pair(config) (and
+    make_activation's module), trained for config["steps"]
     steps on this rank's slice of each step's batch, with loss sum(w * y) on
     the slice (no DDP: parameter grads are this rank's own). Records per
-    step the output, input grad and parameter grads; then the state."""
+    step the output, input grad, parameter grads and state; then the state."""
     sizes = config["sizes"]
+    activation = {} if make_activation(config) is None else {"activation": make_activation(config)}
     layer = sync_module_type(config).from_modules(
-        *make_pair(config), memory_efficient=config.get("memory_efficient", True)
+        *make_pair(config), memory_efficient=config.get("memory_efficient", True), **activation
     )
     layer.train()
     steps = []
@@ -197,7 +208,7 @@ def sync_layer_steps(rank, world_size, config):
         steps.append({
             "output": y.detach(), "grad_input": x.grad,
             "grads": {n: p.grad.clone() for n, p in layer.named_parameters()},
-            "ops": log.names,
+            "ops": log.names, "state": _state(layer),
         })
     return {"steps": steps, "state": _state(layer)}
 

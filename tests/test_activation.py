@@ -12,12 +12,11 @@ gradgradcheck of conv_bn_train and conv_bn_eval; the backward operator
 against autograd; forward-mode AD and torch.func on the eval operator;
 torch.library.opcheck; what is kept for backward; TorchScript, torch.export
 and torch.compile; the argument errors; NaN propagation; from_modules /
-to_modules / state_dict / unfuse; the Sync variants (one process, and two
-gloo ranks)."""
+to_modules / state_dict / unfuse; the Sync variants in one process (over
+gloo ranks: tests/test_distributed.py's layer configurations)."""
 
 import copy
 import itertools
-import os
 import random
 import warnings
 
@@ -29,7 +28,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.library import opcheck
 
 import convbn
-from conftest import assert_as_accurate_as_pair, assert_close_to_reference
+from conftest import assert_as_accurate_as_pair, assert_close_to_reference, nn_activation, saved_tensors
 from convbn import (
     ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d,
 )
@@ -68,15 +67,6 @@ BY_ID = {a[0]: a[1:] for a in ACTIVATIONS}
 
 # Where each piecewise activation changes formula (gradcheck stays away from them).
 KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "leaky_relu": (0.0,), "hardswish": (-3.0, 3.0)}
-
-
-def nn_activation(name, slope):
-    """The nn module for an operator activation name, built here (not by convbn)."""
-    return {
-        "identity": lambda: nn.Identity(), "relu": lambda: nn.ReLU(), "relu6": lambda: nn.ReLU6(),
-        "leaky_relu": lambda: nn.LeakyReLU(slope), "silu": lambda: nn.SiLU(), "hardswish": lambda: nn.Hardswish(),
-        "sigmoid": lambda: nn.Sigmoid(), "gelu": lambda: nn.GELU(),
-    }[name]()
 
 
 def functional_activation(name, slope):
@@ -798,20 +788,6 @@ def test_opcheck_eval_with_an_activation(act_id, channels_last):
 
 # --- what is kept for backward -------------------------------------------------------
 
-def saved_tensors(fn):
-    """(output, [saved tensors]) of fn(), each non-empty storage once."""
-    saved = {}
-
-    def pack(t):
-        if t.numel():
-            saved[t.untyped_storage().data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, list(saved.values())
-
-
 def _memory_layer(act_name, memory_efficient=True):
     torch.manual_seed(0)
     layer = ConvBN2d(4, 8, 3, padding=1, bias=True, memory_efficient=memory_efficient, activation=act_name)
@@ -886,6 +862,18 @@ def _trained_like(layer):
     return layer
 
 
+def _outputs_and_input_grads(models, x, grad):
+    """[(output, input grad)] of each model on its own copy of x, one
+    backward of grad each."""
+    results = []
+    for model in models:
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        out.backward(grad)
+        results.append((out.detach(), xi.grad))
+    return results
+
+
 @pytest.mark.filterwarnings(r"ignore::DeprecationWarning:torch\.jit")
 def test_scripted_module_matches_eager_and_the_triple():
     torch.manual_seed(0)
@@ -896,13 +884,7 @@ def test_scripted_module_matches_eager_and_the_triple():
     for step in range(2):
         x = torch.randn(3, 3, 7, 7, **D) * 2
         grad = torch.randn(3, 6, 7, 7, **D)
-        results = []
-        for model in (scripted, eager, triple):
-            xi = x.clone().requires_grad_()
-            out = model(xi)
-            out.backward(grad)
-            results.append((out.detach(), xi.grad))
-        (ys, gs), (ye, ge), (yt, gt) = results
+        (ys, gs), (ye, ge), (yt, gt) = _outputs_and_input_grads((scripted, eager, triple), x, grad)
         torch.testing.assert_close(ys, ye, rtol=0, atol=0)
         torch.testing.assert_close(gs, ge, rtol=0, atol=0)
         assert_close_to_reference(ys, yt, F64, f"output, step {step}")
@@ -961,13 +943,7 @@ def test_compiled_training_with_silu_matches_eager(fresh_dynamo):
     compiled = torch.compile(net, fullgraph=True)
     for n in (4, 5):
         x, grad = torch.randn(n, 3, 8, 8, **D), torch.randn(n, 6, 8, 8, **D)
-        results = []
-        for model in (compiled, eager, triple):
-            xi = x.clone().requires_grad_()
-            out = model(xi)
-            out.backward(grad)
-            results.append((out.detach(), xi.grad))
-        (yc, gc), (ye, ge), (yt, gt) = results
+        (yc, gc), (ye, ge), (yt, gt) = _outputs_and_input_grads((compiled, eager, triple), x, grad)
         torch.testing.assert_close(yc, ye, rtol=0, atol=0)
         torch.testing.assert_close(gc, ge, rtol=0, atol=0)
         assert_close_to_reference(yc, yt, F64, f"output (batch {n})")
@@ -1249,93 +1225,3 @@ def test_sync_module_keeps_the_activation_and_computes_alone_without_a_group():
     out.backward(grad), out_ref.backward(grad)
     assert_close_to_reference(xs.grad, xt.grad, F64, "grad input")
     assert_close_to_reference(layer.bn_bias.grad, triple[1].bias.grad, F64, "grad bn_bias (shared)")
-
-
-SYNC_CONFIGS = [("silu", 0.01, True), ("leaky_relu", -0.5, False), ("relu6", 0.01, True)]
-SYNC_SIZES = (3, 2)
-
-
-def _sync_layer(act_name, slope, memory_efficient):
-    torch.manual_seed(0)
-    return _trained_like(ConvBN2d(3, 5, 3, padding=1, bias=True, memory_efficient=memory_efficient,
-                                  activation=act_name, negative_slope=slope, **D))
-
-
-def _sync_batch(step):
-    gen = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(sum(SYNC_SIZES), 3, 5, 6, generator=gen, **D) * 2
-    return x, torch.randn(sum(SYNC_SIZES), 5, 5, 6, generator=gen, **D)
-
-
-def _sync_worker(rank, world_size, store, out_dir):  # runs in a spawned process
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-        records = []
-        lo = sum(SYNC_SIZES[:rank])
-        for act_name, slope, memory_efficient in SYNC_CONFIGS:
-            sync = convbn.SyncConvBN2d.from_conv_bn(_sync_layer(act_name, slope, memory_efficient))
-            steps = []
-            for step in range(2):
-                x, grad = _sync_batch(step)
-                x = x[lo:lo + SYNC_SIZES[rank]].clone().requires_grad_()
-                out = sync(x)
-                out.backward(grad[lo:lo + SYNC_SIZES[rank]])
-                steps.append({"out": out.detach(), "grad_x": x.grad,
-                              **{n: p.grad.clone() for n, p in sync.named_parameters()},
-                              "running_mean": sync.running_mean.clone(), "running_var": sync.running_var.clone()})
-                sync.zero_grad()
-            records.append(steps)
-        torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        import traceback
-
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed")
-def test_sync_training_over_two_ranks_matches_the_triple_on_the_whole_batch(tmp_path):
-    """Two gloo ranks with uneven batches: each rank's output and input grad
-    are the triple's on the concatenated batch; the parameter grads summed
-    over the ranks are the triple's; the running statistics are the group's."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_sync_worker, args=(rank, 2, str(tmp_path / "store"), str(tmp_path)), daemon=True)
-             for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    for rank, p in enumerate(procs):
-        if p.is_alive():
-            p.kill()
-            p.join()
-        err = tmp_path / f"rank{rank}.err"
-        assert p.exitcode == 0, err.read_text() if err.exists() else f"rank {rank} exited with {p.exitcode}"
-    records = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
-    names = {"weight": (0, "weight"), "bias": (0, "bias"), "bn_weight": (1, "weight"), "bn_bias": (1, "bias")}
-    for i, (act_name, slope, memory_efficient) in enumerate(SYNC_CONFIGS):
-        triple = nn.Sequential(*_sync_layer(act_name, slope, memory_efficient).to_modules())
-        for step in range(2):
-            x, grad = _sync_batch(step)
-            x = x.clone().requires_grad_()
-            triple.zero_grad()
-            out = triple(x)
-            out.backward(grad)
-            what = f"{act_name}, step {step}"
-            for rank in range(2):
-                lo, r = sum(SYNC_SIZES[:rank]), records[rank][i][step]
-                assert_close_to_reference(r["out"], out[lo:lo + SYNC_SIZES[rank]], F64, f"{what}: rank {rank} output")
-                assert_close_to_reference(r["grad_x"], x.grad[lo:lo + SYNC_SIZES[rank]], F64,
-                                          f"{what}: rank {rank} grad input")
-                assert_close_to_reference(r["running_var"], triple[1].running_var, F64, f"{what}: running_var")
-                assert_close_to_reference(r["running_mean"], triple[1].running_mean, F64, f"{what}: running_mean")
-            for name, (index, attr) in names.items():
-                summed = records[0][i][step][name] + records[1][i][step][name]
-                assert_close_to_reference(summed, getattr(triple[index], attr).grad, F64, f"{what}: grad {name}")

@@ -18,7 +18,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.library import opcheck
 
 import convbn
-from conftest import assert_close_to_reference, randomize_batch_norms
+from conftest import assert_close_to_reference, nbytes, randomize_batch_norms, saved_tensors
 from convbn import (
     ConvBN1d, ConvBN2d, ConvBN3d, ConvTransposeBN1d, ConvTransposeBN2d, ConvTransposeBN3d,
 )
@@ -601,24 +601,6 @@ def test_torch_export_with_a_dynamic_batch(make, shape):
 
 
 # --- what is kept for backward --------------------------------------------------------
-
-def saved_tensors(fn):
-    """(output, [saved tensors]) of fn(), each storage once."""
-    saved = {}
-
-    def pack(t):
-        if t.numel():
-            saved[t.untyped_storage().data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, list(saved.values())
-
-
-def nbytes(tensors):
-    return sum(t.untyped_storage().nbytes() for t in tensors)
-
 
 MEMORY_CASES = {
     "ConvBN3d": (lambda me: ConvBN3d(4, 8, 3, stride=1, padding=1, bias=True, memory_efficient=me), (2, 4, 8, 8, 8)),

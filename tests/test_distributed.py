@@ -11,7 +11,9 @@ from torch import nn
 
 import convbn
 from conftest import assert_close_to_reference, requires_cuda
-from sync_workers import batch, launch, loss_weights, make_net, make_pair, rank_slice, sync_module_type
+from sync_workers import (
+    batch, launch, loss_weights, make_activation, make_net, make_pair, rank_slice, sync_module_type,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="this PyTorch build has no torch.distributed"
@@ -27,6 +29,12 @@ LAYER_CONFIGS = {
         {"sizes": [2, 6], "bias": True, "momentum": None, "memory_efficient": False, "channels_last": True},
         {"sizes": [1, 4], "spatial": (1, 1), "padding": 0, "kernel_size": 1, "eps": 1e-3},
         {"sizes": [3, 5], "kind": "linear", "in_channels": 7, "out_channels": 5, "bias": True},
+        # The fused activation: it is applied to the synchronized batch
+        # norm's output, and its backward runs before the gradient sums.
+        {"sizes": [3, 2], "out_channels": 5, "bias": True, "activation": "silu"},
+        {"sizes": [3, 2], "out_channels": 5, "bias": True, "activation": "leaky_relu", "negative_slope": -0.5,
+         "memory_efficient": False},
+        {"sizes": [3, 2], "out_channels": 5, "activation": "relu6", "channels_last": True},
     ],
     3: [
         {"sizes": [4, 1, 3], "in_channels": 4, "out_channels": 6, "groups": 2, "stride": 2, "dilation": 2,
@@ -47,8 +55,9 @@ def layer_records():
 
 def reference_layer_steps(config):
     """What the ranks did, in one process on the concatenated batches, with
-    the nn pair."""
+    the nn pair (and activation)."""
     conv, bn = make_pair(config)
+    activation = make_activation(config) or nn.Identity()
     conv.train()
     bn.train()
     steps = []
@@ -56,15 +65,20 @@ def reference_layer_steps(config):
         x = batch(config, step, config["sizes"]).requires_grad_()
         conv.zero_grad()
         bn.zero_grad()
-        y = bn(conv(x))
+        y = activation(bn(conv(x)))
         (loss_weights(y.shape, step) * y).sum().backward()
         grads = {"weight": conv.weight.grad, "bias": conv.bias.grad if conv.bias is not None else None}
         if bn.affine:
             grads.update(bn_weight=bn.weight.grad, bn_bias=bn.bias.grad)
-        steps.append({"output": y.detach(), "grad_input": x.grad, "grads": grads})
-    state = {f"bn_{k}" if k in ("weight", "bias") else k: v for k, v in bn.state_dict().items()}
-    state.update({k: v for k, v in conv.state_dict().items()})
-    return steps, state
+        steps.append({"output": y.detach(), "grad_input": x.grad, "grads": grads, "state": fused_state(conv, bn)})
+    return steps, fused_state(conv, bn)
+
+
+def fused_state(conv, bn):
+    """The pair's state_dict under the fused module's names."""
+    state = {f"bn_{k}" if k in ("weight", "bias") else k: v.detach().clone() for k, v in bn.state_dict().items()}
+    state.update({k: v.detach().clone() for k, v in conv.state_dict().items()})
+    return state
 
 
 @pytest.mark.parametrize("world,index", LAYER_CASES, ids=[f"{w}ranks-{i}" for w, i in LAYER_CASES])
@@ -86,6 +100,12 @@ def test_sync_layer_matches_one_process_on_the_concatenated_batch(layer_records,
             assert got["output"].shape == expected["output"][part].shape
             assert_close_to_reference(got["output"], expected["output"][part], F64, f"{where}: output")
             assert_close_to_reference(got["grad_input"], expected["grad_input"][part], F64, f"{where}: grad_input")
+            # The state after each step (running statistics and
+            # num_batches_tracked; no optimizer moves the parameters) is the
+            # one process's.
+            assert got["state"].keys() == expected["state"].keys()
+            for name, value in expected["state"].items():
+                assert_close_to_reference(got["state"][name], value, F64, f"{where}: {name}")
         # Parameter grads are per rank (DDP reduces them): their sum over the
         # ranks is the one-process gradient.
         for name, grad in expected["grads"].items():

@@ -15,7 +15,7 @@ from torch import nn
 import convbn
 from convbn import ConvBN2d, FusedBatchNormSlot, LinearBN1d
 from convbn.fuse import FusedPair
-from conftest import randomize_batch_norms
+from conftest import assert_same_as_unfused, randomize_batch_norms
 
 F64 = torch.float64
 
@@ -27,39 +27,6 @@ def randomized(model):
 
 def fused_count(model):
     return sum(isinstance(m, (ConvBN2d, LinearBN1d)) for m in model.modules())
-
-
-def assert_same(fused, original, inputs, steps=2, seed=0):
-    """SGD steps on both in train mode (same RNG for dropout and stochastic
-    depth): outputs, input and parameter grads (by state_dict name), every
-    state_dict entry; then eval outputs with grad and under no_grad."""
-    assert list(fused.state_dict()) == list(original.state_dict())
-    opt_a = torch.optim.SGD(original.parameters(), lr=0.1)
-    opt_b = torch.optim.SGD(fused.parameters(), lr=0.1)
-    original.train(), fused.train()
-    for step in range(steps):
-        xa = inputs.clone().requires_grad_()
-        xb = inputs.clone().requires_grad_()
-        torch.manual_seed(seed + step)
-        out_a = original(xa)
-        torch.manual_seed(seed + step)
-        out_b = fused(xb)
-        torch.testing.assert_close(out_b, out_a, msg=lambda m: f"train output, step {step}: {m}")
-        g = torch.randn_like(out_a)
-        out_a.backward(g), out_b.backward(g)
-        torch.testing.assert_close(xb.grad, xa.grad)
-        params_b = fused.state_dict(keep_vars=True)
-        for name, p in original.state_dict(keep_vars=True).items():
-            if isinstance(p, nn.Parameter) and p.grad is not None:
-                torch.testing.assert_close(params_b[name].grad, p.grad, msg=lambda m: f"grad {name}: {m}")
-        opt_a.step(), opt_b.step()
-        opt_a.zero_grad(), opt_b.zero_grad()
-    for name, value in original.state_dict().items():
-        torch.testing.assert_close(fused.state_dict()[name], value, msg=lambda m: f"{name}: {m}")
-    original.eval(), fused.eval()
-    torch.testing.assert_close(fused(inputs), original(inputs))
-    with torch.no_grad():
-        torch.testing.assert_close(fused(inputs), original(inputs))
 
 
 def block(cin, cout, stride=1):
@@ -101,7 +68,7 @@ def test_training_branches_follow_the_mode_after_fusing_in_train_mode():
     original.eval(), fused.eval()
     x = torch.randn(4, 3, 8, 8, dtype=F64)
     torch.testing.assert_close(fused(x), original(x))
-    assert_same(fused, original, x)
+    assert_same_as_unfused(fused, original, x)
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -127,7 +94,7 @@ def test_custom_autograd_functions_keep_their_backward():
     original = randomized(WithAutogradFunction())
     fused = convbn.fuse(original)
     assert fused_count(fused) == 2
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
 
 
 class SharedAndUnused(nn.Module):
@@ -159,7 +126,7 @@ def test_aliases_and_unused_modules_keep_their_names_and_checkpoints_load_both_w
     restored = convbn.unfuse(fused)
     assert type(restored.features[0]) is nn.Conv2d and restored.alias is restored.features
     assert list(restored.state_dict()) == list(original.state_dict())
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
 
 
 @pytest.mark.parametrize("how", ["torch.save", "pickle", "deepcopy"])
@@ -181,7 +148,7 @@ def test_fused_models_survive_saving_and_still_load_the_original_checkpoint(how)
     assert torch.equal(fused.layer1[0].conv1.bn_weight, other.layer1[0].bn1.weight)
     assert torch.equal(fused.layer1[0].conv1.running_var, other.layer1[0].bn1.running_var)
     original.load_state_dict(fused.state_dict())
-    assert_same(fused, original, torch.randn(2, 3, 32, 32, dtype=F64), steps=1)
+    assert_same_as_unfused(fused, original, torch.randn(2, 3, 32, 32, dtype=F64), steps=1)
 
 
 class DataDependentGate(nn.Module):
@@ -235,7 +202,7 @@ def test_untraceable_forwards_are_kept_as_single_calls_and_what_they_hold_is_lef
     (left,) = report.left_alone
     assert left.layer == "gate.proj.0" and "gate's forward" in left.reason
     assert [name for name, _ in report.untraced] == ["gate"]
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
 
     # A model whose own forward does not trace: its blocks trace, but the
     # forward uses their modules directly (stages[1][1] on another tensor),
@@ -244,7 +211,7 @@ def test_untraceable_forwards_are_kept_as_single_calls_and_what_they_hold_is_lef
     fused, report = convbn.fuse(original, report=True)
     assert fused_count(fused) == 0 and len(report.left_alone) == 2
     assert all("the model's forward" in p.reason for p in report.left_alone)
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 8, 8, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 8, 8, dtype=F64))
 
 
 # --- the Sequential cases: subclasses, sharing, direct use, hooks, eps=0 ---
@@ -270,7 +237,7 @@ def test_batch_norm_subclasses_are_left_alone_with_the_reason():
     reasons = {p.bn: p.reason for p in report.left_alone}
     assert "BatchNormAct" in reasons["1"] and "own forward" in reasons["1"]
     assert "FrozenBatchNorm" in reasons["3"]
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 9, 9, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 9, 9, dtype=F64))
 
 
 class Siamese(nn.Module):
@@ -296,7 +263,7 @@ def test_shared_modules_stay_shared():
     assert isinstance(fused.tower[0], ConvBN2d)  # called twice, each time conv -> bn
     assert fused.left[0] is fused.right[0] and type(fused.left[0]) is nn.Conv2d
     assert any(p.layer == "left.0" and "other inputs" not in p.reason for p in report.left_alone)
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
 
 
 class KeepsFeatures(nn.Module):
@@ -326,7 +293,7 @@ def test_sequential_children_used_directly_are_left_alone():
     assert type(fused.a[0]) is nn.Conv2d and type(fused.b[0]) is nn.Conv2d
     assert isinstance(fused.c[0], ConvBN2d)  # c[1:] after c[0]: still conv -> bn
     assert {p.layer for p in report.left_alone} == {"a.0", "b.0"}
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 5, 5, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 5, 5, dtype=F64))
 
 
 def test_modules_with_hooks_are_left_alone_and_their_hooks_still_run():
@@ -478,13 +445,13 @@ def test_fused_linear_takes_three_dimensional_input_as_the_pair_does():
     original = randomized(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)))
     fused = convbn.fuse(original)
     assert isinstance(fused[0], LinearBN1d)
-    assert_same(fused, copy.deepcopy(original), torch.randn(6, 5, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(6, 5, dtype=F64))
     # (N, C, L) input: the linear layer maps L, the batch norm normalizes C
     # over N and L. The fused module computes exactly that.
     three = randomized(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
     fused3 = convbn.fuse(three)
     assert isinstance(fused3[0], LinearBN1d)
-    assert_same(fused3, copy.deepcopy(three), torch.randn(3, 4, 4, dtype=F64))
+    assert_same_as_unfused(fused3, copy.deepcopy(three), torch.randn(3, 4, 4, dtype=F64))
 
 
 # --- the report and unfuse ----------------------------------------------------
@@ -566,7 +533,7 @@ def test_fuse_leaves_forwards_python_state_as_it_was():
     fused = convbn.fuse(original)
     assert fused.calls == 0 and not hasattr(fused, "last")  # tracing ran forward: counter and Proxy put back
     pickle.dumps(fused)
-    assert_same(fused, original, torch.randn(2, 3, 5, 5, dtype=F64))
+    assert_same_as_unfused(fused, original, torch.randn(2, 3, 5, 5, dtype=F64))
 
 
 class Sneaky(nn.Module):

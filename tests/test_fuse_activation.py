@@ -20,7 +20,7 @@ import convbn
 from convbn import FusedBatchNormSlot
 from convbn.fuse import ActivationLeftAlone, FusedActivationSlot
 from convbn.modules import _ConvBNNd
-from conftest import randomize_batch_norms
+from conftest import assert_same_as_unfused, randomize_batch_norms
 
 F64 = torch.float64
 
@@ -35,41 +35,6 @@ def fused_modules(model):
 
 def activation_slots(model):
     return [m for m in model.modules() if isinstance(m, FusedActivationSlot)]
-
-
-def assert_same(fused, original, inputs, steps=2, seed=0):
-    """Both models trained `steps` SGD steps from the same state (the same
-    RNG for dropout): outputs, input and parameter grads (by state_dict
-    name), every state_dict entry (running statistics included); then eval
-    outputs with grad and under no_grad."""
-    assert list(fused.state_dict()) == list(original.state_dict())
-    opt_a = torch.optim.SGD(original.parameters(), lr=0.1)
-    opt_b = torch.optim.SGD(fused.parameters(), lr=0.1)
-    original.train(), fused.train()
-    for step in range(steps):
-        xa, xb = inputs.clone().requires_grad_(), inputs.clone().requires_grad_()
-        torch.manual_seed(seed + step)
-        out_a = original(xa)
-        torch.manual_seed(seed + step)
-        out_b = fused(xb)
-        torch.testing.assert_close(out_b, out_a, msg=lambda m: f"train output, step {step}: {m}")
-        g = torch.randn_like(out_a)
-        out_a.backward(g), out_b.backward(g)
-        torch.testing.assert_close(xb.grad, xa.grad)
-        params_b = fused.state_dict(keep_vars=True)
-        for name, p in original.state_dict(keep_vars=True).items():
-            if isinstance(p, nn.Parameter):
-                assert (params_b[name].grad is None) == (p.grad is None), name
-                if p.grad is not None:
-                    torch.testing.assert_close(params_b[name].grad, p.grad, msg=lambda m: f"grad {name}: {m}")
-        opt_a.step(), opt_b.step()
-        opt_a.zero_grad(), opt_b.zero_grad()
-    for name, value in original.state_dict().items():
-        torch.testing.assert_close(fused.state_dict()[name], value, msg=lambda m: f"{name}: {m}")
-    original.eval(), fused.eval()
-    torch.testing.assert_close(fused(inputs), original(inputs))
-    with torch.no_grad():
-        torch.testing.assert_close(fused(inputs), original(inputs))
 
 
 def assert_unfuses_to(fused, original):
@@ -156,7 +121,7 @@ def test_yolo_style_network_fuses_every_conv_bn_silu():
     assert "SiLU()" in repr(fused.backbone[0].act)
     assert "-> backbone.0.act as ConvBN2d(activation='silu')" in str(report)
     assert list(fused.state_dict()) == list(original.state_dict())
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 32, 32, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 32, 32, dtype=F64))
     restored = assert_unfuses_to(fused, original)
     torch.testing.assert_close(restored(torch.ones(1, 3, 16, 16, dtype=F64)),
                                fused(torch.ones(1, 3, 16, 16, dtype=F64)))
@@ -169,7 +134,7 @@ def test_activations_false_leaves_every_activation_module_in_place():
     assert all(p.activation is None and p.fused_activation is None for p in report.fused)
     assert all(m.activation == "identity" for m in fused_modules(fused))
     assert all(type(m.act) is nn.SiLU for m in fused.modules() if isinstance(m, Conv))
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 16, 16, dtype=F64), steps=1)
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 16, 16, dtype=F64), steps=1)
 
 
 def test_inplace_fuse_and_unfuse_put_back_the_very_activation_modules():
@@ -262,7 +227,7 @@ def test_mobilenetv3_style_network():
     assert type(se.activation) is nn.ReLU and type(se.scale_activation) is nn.Hardsigmoid
     assert type(fused.classifier[1]) is nn.Hardswish  # after a Linear with no batch norm
     assert not report.activations_left_alone
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 32, 32, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 32, 32, dtype=F64))
     assert_unfuses_to(fused, original)
 
 
@@ -290,7 +255,7 @@ def test_conv_norm_activation_sequentials_fuse_their_activation(make, name):
         assert all(m.negative_slope == 0.2 for m in fused_modules(fused))
     assert [type(m) for m in fused[0]] == [convbn.ConvBN2d, FusedBatchNormSlot, FusedActivationSlot]
     assert [p.activation for p in report.fused] == ["0.2", "1.2"]
-    assert_same(fused, copy.deepcopy(original), torch.randn(3, 3, 8, 8, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(3, 3, 8, 8, dtype=F64))
     assert_unfuses_to(fused, original)
 
 
@@ -314,7 +279,7 @@ def test_transposed_convs_fuse_their_activation_and_linear_pairs_report_theirs()
     assert type(fused.act1) is nn.ReLU
     (left,) = report.activations_left_alone
     assert left == ActivationLeftAlone("act1", "bn1", "LinearBN1d applies no activation")
-    assert_same(fused, copy.deepcopy(original), torch.randn(4, 3, 3, 3, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(4, 3, 3, 3, dtype=F64))
 
 
 @pytest.mark.parametrize("make,kind", [(lambda: nn.GELU(approximate="tanh"), "GELU"), (nn.Tanh, "Tanh"),
@@ -328,7 +293,7 @@ def test_activations_the_fused_modules_do_not_apply_stay(make, kind):
     assert all(m.activation == "identity" for m in fused_modules(fused))
     (left,) = report.activations_left_alone  # nn.Identity is no activation: not listed
     assert left.activation == "2" and left.bn == "1" and "not an activation the fused modules apply" in left.reason
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
 
 
 # --- where the activation must stay: shared, functional, hooks, other uses ---
@@ -372,7 +337,7 @@ def test_a_shared_activation_module_is_left_alone_and_its_pairs_fuse():
     assert set(left) == {("act", "bn_a"), ("act", "bn_b"), ("block.relu", "block.bn1")}
     assert all("shared" in reason for reason in left.values())
     assert "activation left alone  block.relu after block.bn1" in str(report)
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 4, 5, 5, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 4, 5, 5, dtype=F64))
 
 
 def test_resnet18_fuses_the_stem_activation_only():
@@ -382,7 +347,7 @@ def test_resnet18_fuses_the_stem_activation_only():
     (stem,) = [p for p in report.fused if p.activation is not None]
     assert (stem.layer, stem.activation, stem.fused_activation) == ("conv1", "relu", "relu")
     assert len(report.activations_left_alone) == 8  # every block's bn1 -> the block's shared relu
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 32, 32, dtype=F64), steps=1)
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 32, 32, dtype=F64), steps=1)
 
 
 class SharedWithATransformer(nn.Module):
@@ -432,7 +397,7 @@ def test_functional_activations_stay_in_forward_and_their_pairs_fuse():
     fused, report = convbn.fuse(original, report=True)
     assert len(fused_modules(fused)) == 3 and all(m.activation == "identity" for m in fused_modules(fused))
     assert not report.activations_left_alone
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 6, 6, dtype=F64))
 
 
 class Tricky(nn.Module):
@@ -479,7 +444,7 @@ def test_activations_whose_fusing_would_change_results_stay(kind, reason):
         for name, value in original.state_dict().items():
             torch.testing.assert_close(fused.state_dict()[name], value)
     else:
-        assert_same(fused, original, x)
+        assert_same_as_unfused(fused, original, x)
 
 
 @pytest.mark.parametrize("kind", ["stored", "hooks"])
@@ -540,7 +505,7 @@ def test_untraceable_forwards_decide_activations_by_running_the_example():
     assert isinstance(fused.a[2], FusedActivationSlot) and isinstance(fused.act, FusedActivationSlot)
     left = {p.activation: p.reason for p in report.activations_left_alone}
     assert "shared" in left["shared"] and "also used by" in left["act3"]
-    assert_same(fused, copy.deepcopy(original), x)
+    assert_same_as_unfused(fused, copy.deepcopy(original), x)
     assert_unfuses_to(fused, original)
 
 
@@ -582,7 +547,7 @@ def test_activations_held_by_untraceable_forwards_are_decided_by_the_example_run
         assert "shared" in report.activations_left_alone[0].reason and fused.conv.activation == "identity"
     else:
         assert fused.conv.activation == "silu" and isinstance(fused.gate.act, FusedActivationSlot)
-    assert_same(fused, copy.deepcopy(original), x)
+    assert_same_as_unfused(fused, copy.deepcopy(original), x)
 
 
 # --- TorchScript, pickling ----------------------------------------------------
@@ -643,5 +608,5 @@ def test_pytorchcv_networks(module, ctor):
     assert len(report.fused) == pairs and not report.left_alone and not report.activations_left_alone
     assert sum(p.activation is not None for p in report.fused) == len(fusable) == len(activation_slots(fused))
     assert {p.fused_activation for p in report.fused} == {None, "relu" if module == "mobilenetv3" else "relu6"}
-    assert_same(fused, copy.deepcopy(original), torch.randn(2, 3, 32, 32, dtype=F64))
+    assert_same_as_unfused(fused, copy.deepcopy(original), torch.randn(2, 3, 32, 32, dtype=F64))
     assert_unfuses_to(fused, original)

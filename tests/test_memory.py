@@ -7,28 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import nbytes, saved_tensors
 from convbn import ConvBN2d, LinearBN1d
-
-
-def saved_tensors(fn, x):
-    """(output, [saved tensors]) of fn(x), each storage counted once."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(x)
-    unique = {}
-    for t in saved:
-        if t.numel():
-            unique[t.untyped_storage().data_ptr()] = t
-    return out, list(unique.values())
-
-
-def nbytes(tensors):
-    return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -38,10 +18,10 @@ def test_memory_efficient_mode_saves_no_conv_output(stride, in_ch, out_ch, chann
     x = torch.randn(4, in_ch, 16, 16, device=device, requires_grad=True)
     if channels_last:
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    pair_out, pair_saved = saved_tensors(lambda t: bn(conv(t)), x)
+    pair_out, pair_saved = saved_tensors(lambda: bn(conv(x)))
 
     fused = ConvBN2d.from_modules(conv, bn, memory_efficient=True)
-    out, fused_saved = saved_tensors(fused, x)
+    out, fused_saved = saved_tensors(lambda: fused(x))
     allowed = {t.untyped_storage().data_ptr() for t in [x, *fused.parameters()]}
     for t in fused_saved:
         # Only the input, the parameters, and per-channel statistics.
@@ -51,7 +31,7 @@ def test_memory_efficient_mode_saves_no_conv_output(stride, in_ch, out_ch, chann
     assert nbytes(pair_saved) - nbytes(fused_saved) >= out.numel() * out.element_size()
 
     keep_output = ConvBN2d.from_modules(conv, bn, memory_efficient=False)
-    _, kept = saved_tensors(keep_output, x)
+    _, kept = saved_tensors(lambda: keep_output(x))
     assert any(t.shape == out.shape for t in kept)
 
 
@@ -81,14 +61,14 @@ def test_frozen_batch_norm_keeps_only_input_and_weights(device):
     weight, nor (as the pair does) the conv output."""
     for fused, pair, x in _frozen_batch_norm_pairs(device):
         x.requires_grad_()
-        out, saved = saved_tensors(fused, x)
+        out, saved = saved_tensors(lambda: fused(x))
         own = {t.untyped_storage().data_ptr() for t in [x, *fused.parameters(), *fused.buffers()]}
         channels = fused.running_mean.numel()
         # Beyond its own tensors, per-channel vectors only (what it needs of
         # the running statistics).
         extra = [t for t in saved if t.untyped_storage().data_ptr() not in own and t.shape != (channels,)]
         assert not extra, [tuple(t.shape) for t in extra]
-        pair_out, pair_saved = saved_tensors(pair, x)
+        pair_out, pair_saved = saved_tensors(lambda: pair(x))
         assert nbytes(pair_saved) > nbytes(saved) + out.numel() * out.element_size() // 2
 
 
