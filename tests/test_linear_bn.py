@@ -12,8 +12,9 @@ from torch.library import opcheck
 
 import convbn
 from convbn import LinearBN1d
-from conftest import TOLERANCE, assert_as_accurate_as_pair, assert_close_to_reference, error_type
-from test_memory import nbytes, saved_tensors
+from conftest import (
+    TOLERANCE, assert_as_accurate_as_pair, assert_close_to_reference, error_type, nbytes, saved_tensors,
+)
 
 OPS = torch.ops.convbn
 
@@ -141,15 +142,15 @@ def test_memory_efficient_mode_keeps_no_linear_output(device):
     linear, bn = make_pair(256, 128, True, device=device)
     x = torch.randn(512, 256, dtype=torch.float64, device=device, requires_grad=True)
     fused = LinearBN1d.from_modules(linear, bn, memory_efficient=True)
-    out, kept = saved_tensors(fused, x)
+    out, kept = saved_tensors(lambda: fused(x))
     allowed = {t.untyped_storage().data_ptr() for t in [x, *fused.parameters()]}
     for t in kept:  # only the input, the parameters and per-channel statistics
         assert t.untyped_storage().data_ptr() in allowed or t.numel() == 128, t.shape
-    _, pair_kept = saved_tensors(lambda t: bn(linear(t)), x)
+    _, pair_kept = saved_tensors(lambda: bn(linear(x)))
     assert nbytes(pair_kept) - nbytes(kept) >= out.numel() * out.element_size()
 
     keep_output = LinearBN1d.from_modules(linear, bn, memory_efficient=False)
-    _, kept = saved_tensors(keep_output, x)
+    _, kept = saved_tensors(lambda: keep_output(x))
     assert any(t.shape == out.shape for t in kept)
 
 
